@@ -1,0 +1,7 @@
+"""Rewards: the contract (:class:`Reward`), a registry (:func:`get`, :func:`names`) and the registered rewards."""
+
+from diffalign.rewards import jpeg, simple  # noqa: F401  (registers the rewards)
+from diffalign.rewards.base import Reward, RewardError
+from diffalign.rewards.registry import get, names, register
+
+__all__ = ["Reward", "RewardError", "get", "names", "register"]
