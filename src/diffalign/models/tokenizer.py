@@ -46,6 +46,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(vocab)}, merges
 
 
+@functools.lru_cache(maxsize=4)
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """OpenAI CLIP's tokenizer (ids identical to ``openai/clip-vit-large-patch14``), built without a hub."""
     vocab, merges = clip_vocab_and_merges()

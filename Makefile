@@ -1,0 +1,33 @@
+# diffalign: `make demo` (install + the main job) and `make test` (install + the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+# The torch installed when the environment has none. A user with CUDA keeps the torch already in $(VENV)
+# (or passes VENV_FLAGS=--system-site-packages to use the system's).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/diffalign train --preset ddpo-tiny
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_ddpo.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

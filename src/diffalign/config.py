@@ -1,0 +1,234 @@
+"""Typed run configuration and presets. Every field's docstring becomes its ``--help`` line (tyro).
+
+Sizes are per device (``*_per_device``); a preset never names a hardware count. :meth:`Config.validate`
+gathers every error at once, naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from diffalign.algorithms.ddpo import DDPOConfig
+from diffalign.models.lora import DEFAULT_TARGET_MODULES
+from diffalign.rollout import StepSettings
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Model: 'tiny' (random, for tests), 'shapes' (the embedded ShapesWorld model), a pipeline folder or a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    use_lora: bool = True
+    """Train a LoRA adapter on the UNet (else fine-tune the whole UNet)."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: float = 4.0
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """UNet modules that get LoRA adapters."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """accelerate mixed precision; the frozen VAE and text encoder run in this dtype. Log-probs stay fp32."""
+
+
+@dataclass
+class SampleConfig:
+    num_inference_steps: int = 50
+    """DDIM steps per trajectory."""
+    eta: float = 1.0
+    """DDIM stochasticity η (1 = DDPM posterior variance). Policy-gradient methods need η > 0."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale w (1 = no guidance)."""
+    batch_size_per_device: int = 1
+    """Trajectories sampled per device per sampling batch."""
+    num_batches_per_epoch: int = 2
+    """Sampling batches per device per epoch."""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """How per-step log-probs are reduced over pixels: mean (DDPO; keeps ratios sane) or sum (exact density)."""
+
+    @property
+    def samples_per_device(self) -> int:
+        return self.batch_size_per_device * self.num_batches_per_epoch
+
+    def settings(self) -> StepSettings:
+        return StepSettings(self.num_inference_steps, self.guidance_scale, self.eta, self.logprob_reduction)
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_device: int = 1
+    """Trajectories per training minibatch per device."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step (each minibatch contributes all its trained timesteps)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.999
+    """AdamW β2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW ε."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clipping threshold."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    cfg: bool = True
+    """Use classifier-free guidance when re-scoring transitions (as when sampling)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on (a random subset per sample), in (0, 1]."""
+    per_prompt_stat_tracking: bool = True
+    """Normalise rewards per prompt (else over the whole gathered batch)."""
+    stat_buffer_size: int = 16
+    """Rewards kept per prompt by the stat tracker."""
+    stat_min_count: int = 16
+    """Below this many buffered rewards a prompt uses the whole batch's statistics."""
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    """Name of the preset this config started from (informational)."""
+    algorithm: Literal["ddpo"] = "ddpo"
+    """The training method."""
+    reward: str = "jpeg_compressibility"
+    """Registered reward name (see `diffalign.rewards.names()`)."""
+    reward_kwargs: dict[str, str] = field(default_factory=dict)
+    """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward-kwargs key value`)."""
+    prompts: str = "imagenet_animals"
+    """Registered prompt source or a path to a text file with one prompt per line."""
+    epochs: int = 100
+    """Number of epochs (sample → reward → train) to run in total, including resumed ones."""
+    seed: int = 42
+    """Run seed: every sample's noise and every shuffle derive from it."""
+    run_dir: str | None = None
+    """Where the run folder is written (default runs/<preset>-<time>)."""
+    resume: str | None = None
+    """Resume from a checkpoint folder, or from the latest checkpoint of a run folder."""
+    save_freq: int = 20
+    """Save a checkpoint every this many epochs (and after the last)."""
+    log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    """Experiment tracker (through accelerate), besides metrics.jsonl."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Timesteps trained per trajectory: int(num_inference_steps × timestep_fraction)."""
+        return max(1, int(self.sample.num_inference_steps * self.train.timestep_fraction))
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, each naming the field, the value and what is allowed."""
+        from diffalign import prompts, rewards
+        from diffalign.models import resolve_model
+
+        s, t, errors = self.sample, self.train, []
+        for name, value in [("sample.num_inference_steps", s.num_inference_steps),
+                            ("sample.batch_size_per_device", s.batch_size_per_device),
+                            ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+                            ("train.batch_size_per_device", t.batch_size_per_device),
+                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                            ("train.num_inner_epochs", t.num_inner_epochs), ("epochs", self.epochs),
+                            ("save_freq", self.save_freq), ("model.lora_rank", self.model.lora_rank)]:
+            if value < 1:
+                errors.append(f"{name} must be >= 1, got {value}")
+        if self.algorithm in ("ddpo",) and s.eta <= 0:
+            errors.append(f"sample.eta must be > 0 for {self.algorithm} (its log-probs need a stochastic sampler), "
+                          f"got {s.eta}")
+        if s.guidance_scale < 0:
+            errors.append(f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
+        if not 0 < t.timestep_fraction <= 1:
+            errors.append(f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+        if t.batch_size_per_device >= 1 and s.samples_per_device % t.batch_size_per_device:
+            errors.append(
+                f"train.batch_size_per_device ({t.batch_size_per_device}) must divide the samples per device per "
+                f"epoch (sample.batch_size_per_device × sample.num_batches_per_epoch = {s.samples_per_device})")
+        elif t.batch_size_per_device >= 1 and t.gradient_accumulation_steps >= 1:
+            minibatches = s.samples_per_device // t.batch_size_per_device
+            if minibatches % t.gradient_accumulation_steps:
+                errors.append(
+                    f"train.gradient_accumulation_steps ({t.gradient_accumulation_steps}) must divide the "
+                    f"minibatches per epoch ({minibatches} = samples per device / train.batch_size_per_device)")
+        if t.stat_buffer_size < 1 or t.stat_min_count < 1:
+            errors.append(f"train.stat_buffer_size and train.stat_min_count must be >= 1, "
+                          f"got {t.stat_buffer_size} and {t.stat_min_count}")
+        errors += self.ddpo.validate()
+        if self.reward not in rewards.names():
+            errors.append(f"reward {self.reward!r} is not registered; choose one of {', '.join(rewards.names())}")
+        for check, label in [(lambda: prompts.check(self.prompts), "prompts"),
+                             (lambda: resolve_model(self.model.name), "model.name")]:
+            try:
+                check()
+            except ValueError as error:
+                errors.append(f"{label}: {error}")
+        return errors
+
+    def check(self) -> Config:
+        """Raises ValueError listing every problem (see :meth:`validate`); returns the config."""
+        errors = self.validate()
+        if errors:
+            raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+def _ddpo_reference(reward: str, prompts: str, **overrides) -> Config:
+    """DDPO's 8-GPU reference experiments (ddpo-pytorch ``config/dgx.py``), per device, SD 1.5."""
+    config = Config(
+        preset="", reward=reward, prompts=prompts, epochs=100, save_freq=1,
+        model=ModelConfig(name="stable-diffusion-v1-5/stable-diffusion-v1-5", mixed_precision="fp16"),
+        sample=SampleConfig(num_inference_steps=50, eta=1.0, guidance_scale=5.0, batch_size_per_device=8,
+                            num_batches_per_epoch=4),
+        train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=2, learning_rate=3e-4),
+    )
+    return replace(config, **overrides)
+
+
+def replace(config, **changes):
+    """``dataclasses.replace`` that also takes dotted nested fields: replace(c, **{"sample.eta": 0.5})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(flat.get(head, getattr(config, head)), **sub)
+    return dataclasses.replace(config, **flat)
+
+
+def _presets() -> dict[str, Config]:
+    tiny = Config(
+        reward="jpeg_compressibility", prompts="simple_animals", epochs=10, save_freq=1,
+        model=ModelConfig(name="tiny", lora_rank=4, lora_alpha=4.0),
+        sample=SampleConfig(num_inference_steps=10, guidance_scale=5.0, batch_size_per_device=4,
+                            num_batches_per_epoch=2),
+        train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                          stat_min_count=4),
+    )
+    presets = {
+        "ddpo-tiny": tiny,
+        "ddpo-sd15-compressibility": _ddpo_reference("jpeg_compressibility", "imagenet_animals"),
+        "ddpo-sd15-incompressibility": _ddpo_reference("jpeg_incompressibility", "imagenet_animals"),
+        "ddpo-sd15-aesthetic": _ddpo_reference(
+            "aesthetic", "simple_animals", epochs=200, **{"train.gradient_accumulation_steps": 4,
+                                                          "train.stat_buffer_size": 32}),
+    }
+    return {name: dataclasses.replace(config, preset=name) for name, config in presets.items()}
+
+
+PRESETS: dict[str, Config] = _presets()
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of the preset ``name``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,261 @@
+"""Rewards over HTTP: serve any reward with FastAPI, and score against a remote one with :class:`HttpReward`.
+
+Use it to keep a big reward model on its own GPU or machine (DDPO's LLaVA server, spec/ddpo_sdpo.md §1.7).
+fastapi/uvicorn (server) and httpx (client) are imported lazily: ``import diffalign.rewards`` never needs them.
+
+Wire format (version 1)
+-----------------------
+``POST /score`` with a JSON body::
+
+    {"images": {"encoding": "float32", "shape": [B, 3, H, W], "data": "<base64>"},
+     "prompts": ["a cat", ...]}
+
+``data`` is the base64 of the images' little-endian float32 bytes in C order: lossless, so a remote reward sees
+exactly the local tensor. ``{"encoding": "png", "data": ["<base64 PNG>", ...]}`` (8-bit RGB, one per image,
+decoded as ``k / 255``) is 4–10x smaller but exact only for images already quantised to multiples of 1/255.
+The answer is ``{"rewards": [r_0, ..., r_{B-1}], "reward": <name>}``: JSON numbers printed from float32 values,
+which read back into float32 exactly. Status codes: 400 undecodable body; 422 the reward rejected the input
+(``{"detail": <its message>}``); 500 the reward failed while scoring.
+
+``GET /health`` answers ``{"status": "ok", "reward": <name>, "differentiable": <bool>, "needs_prompts": <bool>}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffalign.rewards.base import Reward, RewardError, to_uint8
+from diffalign.rewards.common import optional_import
+from diffalign.rewards.registry import register
+
+ENCODINGS = ("float32", "png")
+
+
+# --- encoding ---------------------------------------------------------------------------------------------------
+
+
+def encode_images(images: torch.Tensor, encoding: str = "float32") -> dict[str, Any]:
+    """``[B, 3, H, W]`` floats → the ``images`` object of the wire format."""
+    if encoding == "float32":
+        array = images.detach().to(torch.float32).cpu().contiguous().numpy().astype("<f4", copy=False)
+        return {"encoding": "float32", "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+    if encoding == "png":
+        pngs = []
+        for array in to_uint8(images).numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            pngs.append(base64.b64encode(buffer.getvalue()).decode())
+        return {"encoding": "png", "data": pngs}
+    raise ValueError(f"unknown image encoding {encoding!r}; use one of {ENCODINGS}")
+
+
+def decode_images(payload: Any) -> torch.Tensor:
+    """The wire format's ``images`` object → ``[B, 3, H, W]`` float32; :class:`ValueError` saying what is wrong."""
+    if not isinstance(payload, dict) or payload.get("encoding") not in ENCODINGS:
+        raise ValueError(f"'images' must be an object with 'encoding' in {ENCODINGS}")
+    if payload["encoding"] == "float32":
+        shape = payload.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"'images.shape' must be a list of non-negative ints, got {shape!r}")
+        data = base64.b64decode(payload.get("data", ""), validate=True)
+        expected = 4 * int(np.prod(shape))
+        if len(data) != expected:
+            raise ValueError(f"'images.data' holds {len(data)} bytes, but shape {shape} needs {expected}")
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32))
+    arrays = []
+    for item in payload.get("data", []):
+        with Image.open(io.BytesIO(base64.b64decode(item, validate=True))) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    if not arrays or len({a.shape for a in arrays}) != 1:
+        raise ValueError("'images.data' must be a non-empty list of PNGs of one size")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+# --- server -----------------------------------------------------------------------------------------------------
+
+
+def make_app(reward: Reward):
+    """A FastAPI app serving ``reward`` at ``POST /score`` and ``GET /health`` (wire format in the module doc)."""
+    fastapi = optional_import("fastapi", "fastapi", reward.name, " (or `pip install diffalign[serve]`)")
+    app = fastapi.FastAPI(title=f"diffalign reward server: {reward.name}")
+    lock = threading.Lock()  # one batch at a time: reward models need not be thread-safe
+
+    @app.get("/health")
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "reward": reward.name,
+            "differentiable": reward.differentiable,
+            "needs_prompts": reward.needs_prompts,
+        }
+
+    @app.post("/score")
+    def score(payload: dict = fastapi.Body(...)) -> dict:
+        try:
+            images = decode_images(payload.get("images"))
+            prompts = payload.get("prompts")
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("'prompts' must be a list of strings")
+        except (ValueError, TypeError, OSError) as error:
+            raise fastapi.HTTPException(status_code=400, detail=f"bad request body: {error}") from error
+        try:
+            reward.check_inputs(images, prompts)
+        except RewardError as error:
+            raise fastapi.HTTPException(status_code=422, detail=str(error)) from error
+        try:
+            with lock, torch.no_grad():
+                rewards = reward(images, prompts)
+        except Exception as error:
+            raise fastapi.HTTPException(status_code=500, detail=f"{type(error).__name__}: {error}") from error
+        return {"rewards": [float(r) for r in rewards.detach().cpu().tolist()], "reward": reward.name}
+
+    return app
+
+
+def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serves ``reward`` with uvicorn until interrupted (blocking)."""
+    uvicorn = optional_import("uvicorn", "uvicorn", reward.name, " (or `pip install diffalign[serve]`)")
+    uvicorn.run(make_app(reward), host=host, port=port, log_level=log_level)
+
+
+@dataclass
+class RunningServer:
+    """A reward server running in a background thread (see :func:`serve_in_thread`)."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Asks uvicorn to exit and waits for the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def serve_in_thread(
+    reward: Reward, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0
+) -> RunningServer:
+    """Starts uvicorn in a daemon thread (``port=0`` picks a free port) and returns once it accepts connections."""
+    uvicorn = optional_import("uvicorn", "uvicorn", reward.name, " (or `pip install diffalign[serve]`)")
+    server = uvicorn.Server(uvicorn.Config(make_app(reward), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"reward-server-{reward.name}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the reward server for {reward.name!r} did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(url=f"http://{host}:{bound_port}", server=server, thread=thread)
+
+
+# --- client -----------------------------------------------------------------------------------------------------
+
+
+@register("http")
+class HttpReward(Reward):
+    """A reward computed by a diffalign reward server at ``url``; not differentiable.
+
+    Images are sent in chunks of ``chunk_size``. Connection errors, timeouts and 5xx answers are retried
+    ``max_retries`` times with exponential backoff (``backoff · 2^attempt`` seconds); after that, or at once on
+    a 4xx answer, a :class:`RewardError` names the URL and the server's message.
+
+    Args:
+        url: the server's base URL, e.g. ``"http://127.0.0.1:8000"``.
+        chunk_size: images per request.
+        timeout: seconds for connecting and for each response.
+        max_retries: retries after the first attempt of a request.
+        backoff: first retry delay in seconds; doubles each retry.
+        encoding: ``"float32"`` (lossless) or ``"png"`` (8-bit) — see the wire format.
+        needs_prompts: reject empty prompts locally (the server checks again with its own reward).
+    """
+
+    name = "http"
+    differentiable = False
+
+    def __init__(
+        self,
+        url: str,
+        chunk_size: int = 16,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        encoding: str = "float32",
+        needs_prompts: bool = False,
+        device: str | torch.device = "cpu",
+    ):
+        super().__init__(device)
+        if chunk_size < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
+            raise ValueError(
+                f"HttpReward needs chunk_size >= 1, max_retries >= 0, timeout > 0, backoff >= 0; got "
+                f"chunk_size={chunk_size}, max_retries={max_retries}, timeout={timeout}, backoff={backoff}"
+            )
+        if encoding not in ENCODINGS:
+            raise ValueError(f"HttpReward encoding must be one of {ENCODINGS}, got {encoding!r}")
+        httpx = optional_import("httpx", "httpx", self.name)
+        self.url = url.rstrip("/")
+        self.chunk_size, self.max_retries, self.backoff, self.encoding = chunk_size, max_retries, backoff, encoding
+        self.needs_prompts = needs_prompts
+        self._httpx = httpx
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout))
+
+    def health(self) -> dict:
+        """The server's ``GET /health`` answer (name, differentiability), with the same retries."""
+        return self._request("GET", "/health")
+
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        url = self.url + path
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = self._client.request(method, url, json=payload)
+            except self._httpx.TransportError as error:  # connect/read errors and timeouts
+                last_error = f"{type(error).__name__}: {error}"
+                continue
+            if response.status_code >= 500:
+                last_error = f"HTTP {response.status_code}: {_detail(response)}"
+                continue
+            if response.status_code >= 400:
+                raise RewardError(f"reward server {url} rejected the request (HTTP {response.status_code}): {_detail(response)}")
+            return response.json()
+        raise RewardError(
+            f"reward server {url} failed after {self.max_retries + 1} attempts ({last_error}); is the server "
+            "running? Start one with diffalign.rewards.http.serve(reward, host, port)"
+        )
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        rewards: list[float] = []
+        for start in range(0, len(prompts), self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            payload = {"images": encode_images(images[chunk], self.encoding), "prompts": list(prompts[chunk])}
+            answer = self._request("POST", "/score", payload)
+            values = answer.get("rewards") if isinstance(answer, dict) else None
+            if not isinstance(values, list) or len(values) != len(payload["prompts"]):
+                raise RewardError(f"reward server {self.url} answered {answer!r}, expected {{'rewards': [...]}}")
+            rewards.extend(values)
+        return torch.tensor(rewards, dtype=torch.float32, device=self.device)
+
+    def close(self) -> None:
+        """Closes the HTTP connection pool."""
+        self._client.close()
+
+
+def _detail(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)

@@ -1,0 +1,63 @@
+"""The run folder: resolved config, metrics.jsonl, sample grids, reward-curve plot, summary and report.
+
+Layout (DESIGN.md "Runs")::
+
+    runs/<name>/config.json  metrics.jsonl  summary.json  report.html
+                samples/epoch_0000.png ...  plots/reward.png  checkpoints/<epoch>/  (TensorBoard events)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from diffalign.evaluate.plots import image_grid, plot_curves
+from diffalign.evaluate.report import write_report
+
+
+class RunFolder:
+    """Writes one run's files; only the main process should hold one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        for sub in ("samples", "plots", "checkpoints"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config) -> None:
+        (self.path / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Drops metric lines of epochs ≥ ``epochs_done`` (a resumed run rewrites them)."""
+        if self.metrics_path.exists():
+            lines = [line for line in self.metrics_path.read_text().splitlines()
+                     if line and json.loads(line)["epoch"] < epochs_done]
+            self.metrics_path.write_text("".join(line + "\n" for line in lines))
+
+    def log(self, record: dict) -> None:
+        """Appends one JSON line of metrics (floats)."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def save_samples(self, epoch: int, images: torch.Tensor, captions: list[str]) -> Path:
+        path = self.path / "samples" / f"epoch_{epoch:04d}.png"
+        image_grid(images, captions).save(path)
+        return path
+
+    def finish(self, summary: dict, title: str) -> None:
+        """Writes the reward curve, summary.json and report.html."""
+        records = self.metrics()
+        plot_curves(records, ["reward/mean"], self.path / "plots" / "reward.png", title="reward/mean per epoch")
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(self.path, title, summary, records)

@@ -1,0 +1,76 @@
+"""Fixtures for the reward tests: tiny random CLIP models, the LAION data folder, real images, rendered text."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub miss fails at once instead of retrying
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+LAION_DIR = Path(os.environ.get("DIFFALIGN_LAION_AESTHETIC_DIR", REPO.parent / "shared" / "data" / "laion-aesthetic"))
+
+
+def build_tiny_clip(projection_dim: int = 768, seed: int = 0, image_size: int = 224):
+    """A random ``transformers.CLIPModel`` with 2-layer 32-wide towers and the real CLIP vocabulary size."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407),
+        vision_config=dict(common, image_size=image_size, patch_size=32),
+        projection_dim=projection_dim,
+    )
+    return CLIPModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A tiny random CLIPModel with projection dim 768 (the LAION head's input); treat as read-only."""
+    return build_tiny_clip(768)
+
+
+@pytest.fixture(scope="session")
+def laion_dir() -> Path:
+    """The LAION aesthetic data folder (real head weights and rating embeddings); skips the test when absent."""
+    if not (LAION_DIR / "sac+logos+ava1-l14-linearMSE.pth").is_file():
+        pytest.skip(
+            f"LAION aesthetic data not found at {LAION_DIR} (set DIFFALIGN_LAION_AESTHETIC_DIR to the folder "
+            "holding sac+logos+ava1-l14-linearMSE.pth and vit_l_14_embeddings/)"
+        )
+    return LAION_DIR
+
+
+def _font_path() -> str:
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def render_text(text: str, size: tuple[int, int] = (256, 128), font_size: int = 40) -> torch.Tensor:
+    """Black text on white rendered with PIL and matplotlib's DejaVu Sans, as ``[3, H, W]`` floats in [0, 1]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", size, "white")
+    font = ImageFont.truetype(_font_path(), font_size)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((size[0] - right - left) / 2, (size[1] - bottom - top) / 2), text, fill="black", font=font)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="session")
+def grace_hopper() -> torch.Tensor:
+    """matplotlib's sample photo of Grace Hopper in uniform, ``[3, 512, 600]`` in [0, 1]."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        array = np.asarray(image.convert("RGB")).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
