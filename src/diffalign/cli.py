@@ -103,22 +103,10 @@ def sample_command(args: SampleArgs) -> Path:
 
 
 def _load_lora_into(policy, folder: str) -> None:
-    """Loads a diffusers-format LoRA into the policy's UNet through diffusers' own loader."""
-    from diffusers import StableDiffusionPipeline
-
-    if not Path(folder).is_dir():
-        raise SystemExit(f"diffalign sample: --lora {folder!r} is not a folder")
-    pipe = StableDiffusionPipeline(vae=policy.vae, text_encoder=policy.text_encoder, tokenizer=policy.tokenizer,
-                                   unet=policy.unet, scheduler=_ddim(policy), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.load_lora_weights(folder)
-    policy.unet = pipe.unet
-
-
-def _ddim(policy):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(num_train_timesteps=policy.schedule.num_train_timesteps)
+    """Loads a diffusers-format LoRA folder into the policy's UNet with diffusers' own loader."""
+    if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+        raise SystemExit(f"diffalign sample: --lora {folder!r} has no pytorch_lora_weights.safetensors")
+    policy.unet.load_lora_adapter(folder, prefix="unet", weight_name="pytorch_lora_weights.safetensors")
 
 
 def main(argv: list[str] | None = None) -> None:

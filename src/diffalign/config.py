@@ -101,6 +101,12 @@ class Config:
     """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward-kwargs key value`)."""
     prompts: str = "imagenet_animals"
     """Registered prompt source or a path to a text file with one prompt per line."""
+    eval_prompts: str | None = None
+    """Held-out prompt source evaluated before, during and after training (e.g. shapes_heldout)."""
+    eval_samples: int = 16
+    """Samples per evaluation split (fixed prompts and seeds, the same at every evaluation)."""
+    eval_freq: int = 0
+    """Evaluate every this many epochs besides before and after training (0: only before and after)."""
     epochs: int = 100
     """Number of epochs (sample → reward → train) to run in total, including resumed ones."""
     seed: int = 42
@@ -135,7 +141,8 @@ class Config:
                             ("train.batch_size_per_device", t.batch_size_per_device),
                             ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                             ("train.num_inner_epochs", t.num_inner_epochs), ("epochs", self.epochs),
-                            ("save_freq", self.save_freq), ("model.lora_rank", self.model.lora_rank)]:
+                            ("save_freq", self.save_freq), ("model.lora_rank", self.model.lora_rank),
+                            ("eval_samples", self.eval_samples)]:
             if value < 1:
                 errors.append(f"{name} must be >= 1, got {value}")
         if self.algorithm in ("ddpo",) and s.eta <= 0:
@@ -161,6 +168,13 @@ class Config:
         errors += self.ddpo.validate()
         if self.reward not in rewards.names():
             errors.append(f"reward {self.reward!r} is not registered; choose one of {', '.join(rewards.names())}")
+        if self.eval_freq < 0:
+            errors.append(f"eval_freq must be >= 0 (0 = only before and after training), got {self.eval_freq}")
+        if self.eval_prompts is not None:
+            try:
+                prompts.check(self.eval_prompts)
+            except ValueError as error:
+                errors.append(f"eval_prompts: {error}")
         for check, label in [(lambda: prompts.check(self.prompts), "prompts"),
                              (lambda: resolve_model(self.model.name), "model.name")]:
             try:

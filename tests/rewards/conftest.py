@@ -16,6 +16,20 @@ REPO = Path(__file__).resolve().parents[2]
 LAION_DIR = Path(os.environ.get("DIFFALIGN_LAION_AESTHETIC_DIR", REPO.parent / "shared" / "data" / "laion-aesthetic"))
 
 
+@pytest.fixture(autouse=True)
+def _respect_omp_num_threads():
+    """tests/conftest.py sets torch to 2 threads; honour an explicit OMP_NUM_THREADS (e.g. 1 while others run
+    torch on the same 2 cores, where 2 threads are ~10x slower) for the reward tests, then restore."""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if not requested.isdigit() or int(requested) < 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(requested))
+    yield
+    torch.set_num_threads(previous)
+
+
 def build_tiny_clip(projection_dim: int = 768, seed: int = 0, image_size: int = 224):
     """A random ``transformers.CLIPModel`` with 2-layer 32-wide towers and the real CLIP vocabulary size."""
     from transformers import CLIPConfig, CLIPModel
@@ -74,3 +88,47 @@ def grace_hopper() -> torch.Tensor:
     with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
         array = np.asarray(image.convert("RGB")).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="session")
+def make_tiny_clip():
+    """:func:`build_tiny_clip` itself, for tests that need another projection dim or seed."""
+    return build_tiny_clip
+
+
+@pytest.fixture(scope="session")
+def text_image():
+    """:func:`render_text`: black text on white, ``[3, H, W]`` in [0, 1]."""
+    return render_text
+
+
+class TinyBlip(torch.nn.Module):
+    """BLIP's interface at toy size (width 32): a patch-embedding "ViT" giving 49 image tokens at 224 px, and a
+    1-layer BERT text encoder with cross-attention, plus a BERT tokenizer over a 12-word vocabulary."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        self.tokenizer = tokenizer
+        self.patch = torch.nn.Conv2d(3, 32, kernel_size=32, stride=32)
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=37, max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+        )
+        self.text_encoder = BertModel(config, add_pooling_layer=False)
+
+    def visual_encoder(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.patch(pixels).flatten(2).transpose(1, 2)  # [B, 49, 32] image tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory):
+    """A :class:`TinyBlip` in eval mode; treat as read-only."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "cat", "on", "the", "moon"]
+    vocab = tmp_path_factory.mktemp("bert") / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    return TinyBlip(BertTokenizer(str(vocab))).eval()

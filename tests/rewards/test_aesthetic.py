@@ -71,13 +71,13 @@ def test_mismatched_head_file_names_file_and_fix(laion_dir, tmp_path):
     # a v1 head given as the MLP: strict key loading refuses it, naming the file and the expected keys
     linear = tmp_path / "my_head.pth"
     shutil.copy(laion_dir / "sa_0_4_vit_l_14_linear.pth", linear)
-    with pytest.raises(RewardError, match=r"my_head\.pth.*not a AestheticHead checkpoint.*layers"):
+    with pytest.raises(RewardError, match=r"(?s)my_head\.pth.*not a AestheticHead checkpoint.*layers"):
         AestheticHead.load(linear)
     with pytest.raises(RewardError, match="does not exist"):
         AestheticHead.load(tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"<html>not a checkpoint</html>")
-    with pytest.raises(RewardError, match=r"garbage\.pth.*could not read"):
+    with pytest.raises(RewardError, match=r"could not read .*garbage\.pth"):
         AestheticHead.load(garbage)
 
 
@@ -90,22 +90,28 @@ def test_unknown_name_loads_without_hash_check(tmp_path):
 
 
 def test_reward_is_clip_features_normalised_then_head(tiny_clip):
-    """reward = head(normalise(get_image_features(CLIP transform(image)))) — checked against the transformers
-    image processor (the PIL path DDPO uses) on uint8-exact images."""
+    """reward = head(normalise(get_image_features(CLIP transform(image)))): exactly with our transform, and within
+    the uint8/PIL rounding of the reference route (transformers' image processor, as DDPO) on uint8-exact images."""
     from PIL import Image
     from transformers import CLIPImageProcessor
 
+    from diffalign.rewards.common import clip_preprocess
+
     torch.manual_seed(1)
-    head = AestheticHead().eval()
+    head = LinearAestheticHead(768)
+    head.weight.data = 100 * torch.nn.functional.normalize(torch.randn(1, 768), dim=-1)  # spreads the scores
     reward = AestheticReward(head=head, clip_model=tiny_clip)
-    images = (torch.rand(2, 3, 48, 64) * 255).round() / 255
+    images = (torch.rand(4, 3, 48, 64) * 255).round() / 255
     pil = [Image.fromarray((im.permute(1, 2, 0) * 255).byte().numpy()) for im in images]
     pixels = CLIPImageProcessor()(images=pil, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        expected = head(l2_normalize(clip_image_features(tiny_clip, pixels)))
-        got = reward(images, ["", ""])
-    assert got.shape == (2,) and got.dtype == torch.float32
-    assert got.tolist() == pytest.approx(expected.tolist(), abs=2e-3)
+        got = reward(images, ["", "", "", ""])
+        exact = head(l2_normalize(clip_image_features(tiny_clip, clip_preprocess(images))))
+        reference = head(l2_normalize(clip_image_features(tiny_clip, pixels)))
+    assert got.shape == (4,) and got.dtype == torch.float32
+    assert got.tolist() == pytest.approx(exact.tolist(), abs=1e-5)
+    assert (got - reference).abs().max() < 0.02
+    assert got.max() - got.min() > 0.2  # the images really differ by more than the tolerance
 
 
 def test_reward_is_differentiable(tiny_clip):
@@ -117,12 +123,10 @@ def test_reward_is_differentiable(tiny_clip):
     assert not any(p.requires_grad for p in reward.clip.parameters())
 
 
-def test_reward_errors_name_the_fix(tiny_clip, tmp_path):
+def test_reward_errors_name_the_fix(tiny_clip, make_tiny_clip, tmp_path):
     with pytest.raises(RewardError, match=r"'aesthetic' needs the LAION head file.*head="):
         AestheticReward(clip_model=tiny_clip)
     with pytest.raises(RewardError, match=r"512 dims but the head expects 768"):
-        from tests.rewards.conftest import build_tiny_clip  # noqa: PLC0415
-
-        AestheticReward(head=AestheticHead(), clip_model=build_tiny_clip(512))
+        AestheticReward(head=AestheticHead(), clip_model=make_tiny_clip(512))
     with pytest.raises(RewardError, match=r"could not load the CLIP model .*nowhere.*local folder"):
         AestheticReward(head=AestheticHead(), clip_model=str(tmp_path / "nowhere"))

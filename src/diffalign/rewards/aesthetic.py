@@ -2,7 +2,8 @@
 
 Provenance: the "improved" predictor, ``christophschuhmann/improved-aesthetic-predictor`` (``simple_inference.py``),
 identical in ddpo-pytorch ``aesthetic_scorer.py`` (the reward of DDPO, DAV and SDPO), ImageReward's
-``AestheticScore.py`` and simple-aesthetics-predictor ``v2.py``; the v1 linear heads are ``LAION-AI/aesthetic-predictor``.
+``AestheticScore.py`` and simple-aesthetics-predictor ``v2.py``; the v1 linear heads are
+``LAION-AI/aesthetic-predictor``.
 spec/rewards.md gives the architecture and file hashes.
 
 Where we differ from DDPO / SDPO (spec/ddpo_sdpo.md §1.7, §3.8): they quantise images to uint8 and run
@@ -80,8 +81,8 @@ class AestheticHead(nn.Module):
     """The "improved" LAION aesthetic MLP: L2-normalised CLIP ViT-L/14 embeddings ``[N, 768]`` → scores ``[N]``.
 
     ``layers`` is the exact ``nn.Sequential`` of the reference (state-dict keys ``layers.{0,2,4,6,7}.*``): Linear
-    768→1024, Dropout .2, Linear 1024→128, Dropout .2, Linear 128→64, Dropout .1, Linear 64→16, Linear 16→1 — no
-    activations (the "linearMSE" heads comment their ReLUs out), so in eval mode the head is an affine map.
+    768→1024, Dropout .2, Linear 1024→128, Dropout .2, Linear 128→64, Dropout .1, Linear 64→16, Linear 16→1 —
+    no activations (the "linearMSE" heads comment their ReLUs out), so in eval mode the head is an affine map.
     """
 
     def __init__(self, embed_dim: int = 768):

@@ -223,8 +223,10 @@ def load_state_dict_file(path: str | Path, what: str, fix: str) -> dict[str, tor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
         raise RewardError(
-            f"{what}: could not read {str(path)!r} as a torch state dict ({type(error).__name__}: {error}). {fix}"
+            f"{what}: could not read {str(path)!r} as a torch state dict with weights_only=True "
+            f"({type(error).__name__}: {first_line}). {fix}"
         ) from error
     if not isinstance(state, dict):
         raise RewardError(f"{what}: {str(path)!r} holds a {type(state).__name__}, not a state dict. {fix}")

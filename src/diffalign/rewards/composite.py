@@ -73,13 +73,16 @@ class CompositeReward(Reward):
 def composite(
     weights: Mapping[str, float], member_kwargs: Mapping[str, Mapping] | None = None, device: str | torch.device = "cpu"
 ) -> CompositeReward:
-    """Registry factory: ``get("composite", weights={...}, member_kwargs={...})`` (see :meth:`CompositeReward.from_names`)."""
+    """Registry factory: ``get("composite", weights={...}, member_kwargs={...})``.
+
+    See :meth:`CompositeReward.from_names`.
+    """
     return CompositeReward.from_names(weights, member_kwargs, device)
 
 
 @dataclass(frozen=True)
 class ProxyGoldScores:
-    """The two rewards of one batch: ``proxy`` ``[B]`` (with graph if differentiable) and ``gold`` ``[B]`` (detached)."""
+    """The two rewards of one batch: ``proxy`` ``[B]`` (with graph if differentiable), ``gold`` ``[B]`` (detached)."""
 
     proxy: torch.Tensor
     gold: torch.Tensor

@@ -229,7 +229,9 @@ class HttpReward(Reward):
                 last_error = f"HTTP {response.status_code}: {_detail(response)}"
                 continue
             if response.status_code >= 400:
-                raise RewardError(f"reward server {url} rejected the request (HTTP {response.status_code}): {_detail(response)}")
+                raise RewardError(
+                    f"reward server {url} rejected the request (HTTP {response.status_code}): {_detail(response)}"
+                )
             return response.json()
         raise RewardError(
             f"reward server {url} failed after {self.max_retries + 1} attempts ({last_error}); is the server "

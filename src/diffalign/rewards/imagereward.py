@@ -1,11 +1,12 @@
 """ImageReward (Xu et al. 2023): BLIP image–text encoder + MLP head trained on human preference rankings.
 
-Provenance: the ``image-reward`` package (``ImageReward/ImageReward.py``, v1.5). ``ImageReward.load("ImageReward-v1.0")``
-builds ``BLIP_Pretrain(image_size=224, vit='large', med_config)`` and ``MLP(768)`` and loads ``ImageReward.pt``.
-Its differentiable path ``score_gard`` is: BLIP ViT-L visual encoder → image tokens; the BERT text encoder
-cross-attends to them; ``last_hidden_state[:, 0]`` → MLP 768→1024→128→64→16→1 (dropout .2/.2/.1, no activations)
-→ ``(r − 0.16717362830052426) / 1.0333394966054072``. Prompts: BLIP's BERT tokenizer, ``padding='max_length',
-truncation=True, max_length=35``. Images: Resize 224 bicubic, CenterCrop 224, CLIP mean/std.
+Provenance: the ``image-reward`` package (``ImageReward/ImageReward.py``, v1.5).
+``ImageReward.load("ImageReward-v1.0")`` builds ``BLIP_Pretrain(image_size=224, vit='large', med_config)`` and
+``MLP(768)`` and loads ``ImageReward.pt``. Its differentiable path ``score_gard`` is: BLIP ViT-L visual encoder →
+image tokens; the BERT text encoder cross-attends to them; ``last_hidden_state[:, 0]`` → MLP 768→1024→128→64→16→1
+(dropout .2/.2/.1, no activations) → ``(r − 0.16717362830052426) / 1.0333394966054072``. Prompts: BLIP's BERT
+tokenizer, ``padding='max_length', truncation=True, max_length=35``. Images: Resize 224 bicubic, CenterCrop 224,
+CLIP mean/std.
 
 Where the seed repos differ (spec/ddpo_sdpo.md §3.8, spec/dag_dav_rcgd.md §1.9): SDPO's ``ImageReward_scorer``
 returns the raw MLP output (no standardisation) and preprocesses uint8 images with the OpenAI ViT-L/14
@@ -139,9 +140,8 @@ class ImageRewardReward(Reward):
     def _load_package_model(self, model_name_or_path: str | Path, med_config: str | Path | None):
         package = optional_import("ImageReward", "image-reward", self.name, " (it also needs OpenAI's `clip` module)")
         try:
-            model = package.load(
-                str(model_name_or_path), device=str(self.device), med_config=None if med_config is None else str(med_config)
-            )
+            config = None if med_config is None else str(med_config)
+            model = package.load(str(model_name_or_path), device=str(self.device), med_config=config)
         except Exception as error:
             raise RewardError(
                 f"reward {self.name!r} could not load {str(model_name_or_path)!r} with image-reward "

@@ -74,17 +74,27 @@ class OcrReward(Reward):
     Args:
         substring_match: count the target as exact when it appears inside longer recognised text (Flow-GRPO).
         num_threads: ONNX Runtime threads per session (``None`` = ONNX Runtime's default, all cores).
+        det_limit_side_len: the detector rescales each image so its shorter side is at least this (RapidOCR's
+            default 736); smaller is faster (320 reads 40-px text on 256-px images as well, ~4x faster on CPU).
     """
 
     name = "ocr"
     differentiable = False
     needs_prompts = True
 
-    def __init__(self, substring_match: bool = True, num_threads: int | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        substring_match: bool = True,
+        num_threads: int | None = None,
+        det_limit_side_len: int = 736,
+        device: str | torch.device = "cpu",
+    ):
         super().__init__(device)
         rapidocr = optional_import("rapidocr_onnxruntime", "rapidocr-onnxruntime", self.name)
-        threads = {} if num_threads is None else {"intra_op_num_threads": num_threads, "inter_op_num_threads": 1}
-        self.engine = rapidocr.RapidOCR(**threads)
+        options: dict = {"det_limit_side_len": det_limit_side_len}
+        if num_threads is not None:
+            options.update(intra_op_num_threads=num_threads, inter_op_num_threads=1)
+        self.engine = rapidocr.RapidOCR(**options)
         self.substring_match = substring_match
 
     def recognise(self, images: torch.Tensor) -> list[str]:

@@ -29,7 +29,6 @@ from diffalign.train.run import RunFolder
 from diffalign.train.stats import PerPromptStatTracker, batch_advantages
 
 PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM = 1, 2, 3
-EVAL_SAMPLES = 16
 
 
 def build_policy(config: Config, accelerator: Accelerator) -> Policy:
@@ -124,17 +123,45 @@ def train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accel
     return averaged, optimizer_steps
 
 
+def evaluation_sets(config: Config, source) -> dict[str, list[str]]:
+    """Fixed evaluation prompts: ``train`` from the training source, ``heldout`` from ``config.eval_prompts``."""
+    sets = {"train": source}
+    if config.eval_prompts is not None:
+        sets["heldout"] = prompt_sources.get(config.eval_prompts)
+    return {name: s.draw(config.eval_samples, torch.Generator().manual_seed(derive_seed(config.seed, 0, k, EVAL_STREAM)))
+            for k, (name, s) in enumerate(sets.items())}
+
+
 @torch.no_grad()
-def evaluate(config: Config, policy: Policy, reward, eval_prompts: list[str], accelerator: Accelerator) -> tuple:
-    """Mean reward on the fixed evaluation prompts and seeds (same every call); returns (metrics, images)."""
+def evaluate(config: Config, policy: Policy, reward, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
+    """Reward (and strict accuracy, for rewards with an ``evaluate`` method) on each fixed evaluation set.
+
+    Every call samples the same prompts with the same seeds and the training sampler's settings. Returns the
+    metrics ``{split}_reward_mean``, ``{split}_strict_accuracy`` and the first set's images.
+    """
+    wrapped, policy.unet = policy.unet, policy.base_unet  # main process only: no collective calls
     policy.unet.eval()
-    seeds = [derive_seed(config.seed, 0, i, EVAL_STREAM) for i in range(len(eval_prompts))]
-    parts = [sample(policy, eval_prompts[i : i + config.sample.batch_size_per_device],
-                    seeds[i : i + config.sample.batch_size_per_device], config.sample.settings())
-             for i in range(0, len(eval_prompts), config.sample.batch_size_per_device)]
-    rollout = Rollout.cat(parts)
-    scores = reward(rollout.images, rollout.prompts)
-    return {"reward_mean": scores.mean().item(), "reward_std": scores.std(unbiased=False).item()}, rollout.images
+    try:
+        return _evaluate_sets(config, policy, reward, sets)
+    finally:
+        policy.unet = wrapped
+
+
+def _evaluate_sets(config: Config, policy: Policy, reward, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
+    metrics, first_images = {}, None
+    batch = config.sample.batch_size_per_device
+    for k, (split, prompts) in enumerate(sets.items()):
+        seeds = [derive_seed(config.seed, 0, i, EVAL_STREAM + 1 + k) for i in range(len(prompts))]
+        rollout = Rollout.cat([sample(policy, prompts[i : i + batch], seeds[i : i + batch], config.sample.settings())
+                               for i in range(0, len(prompts), batch)])
+        if hasattr(reward, "evaluate"):
+            scores, strict = reward.evaluate(rollout.images, rollout.prompts)
+            metrics[f"{split}_strict_accuracy"] = strict.float().mean().item()
+        else:
+            scores = reward(rollout.images, rollout.prompts)
+        metrics[f"{split}_reward_mean"] = scores.float().mean().item()
+        first_images = rollout.images if first_images is None else first_images
+    return metrics, first_images
 
 
 def default_run_dir(config: Config) -> Path:
@@ -188,7 +215,7 @@ def train(config: Config) -> TrainResult:
         if tracker is not None and state.stat_tracker is not None:
             tracker.load_state_dict(state.stat_tracker)
     run = RunFolder(run_path) if accelerator.is_main_process else None
-    eval_prompts = source.draw(EVAL_SAMPLES, torch.Generator().manual_seed(derive_seed(config.seed, 0, 0, EVAL_STREAM)))
+    eval_sets = evaluation_sets(config, source)
     if run is not None:
         run.write_config(config)
         run.truncate_metrics(state.epochs_done)
@@ -196,8 +223,8 @@ def train(config: Config) -> TrainResult:
         accelerator.init_trackers("diffalign", config=_flat(config))
 
     if state.epochs_done == 0 and accelerator.is_main_process:
-        state.extra["base"], images = evaluate(config, policy, reward, eval_prompts, accelerator)
-        run.save_samples(0, images, eval_prompts)
+        state.extra["base"], images = evaluate(config, policy, reward, eval_sets)
+        run.save_samples(0, images, eval_sets["train"])
         (run.path / "samples" / "before.png").write_bytes((run.path / "samples" / "epoch_0000.png").read_bytes())
     progress = tqdm(range(state.epochs_done, config.epochs), initial=state.epochs_done, total=config.epochs,
                     desc=f"{config.algorithm} {config.preset}", disable=not accelerator.is_main_process)
@@ -213,6 +240,9 @@ def train(config: Config) -> TrainResult:
         state.epochs_done = epoch + 1
         record = {"epoch": epoch, "global_step": state.global_step, **reward_metrics, **train_metrics, **timings,
                   "time/train_s": time.perf_counter() - start_train, "time/epoch_s": time.perf_counter() - start}
+        if config.eval_freq and state.epochs_done % config.eval_freq == 0 and state.epochs_done < config.epochs:
+            if accelerator.is_main_process:
+                record.update({f"eval/{k}": v for k, v in evaluate(config, policy, reward, eval_sets)[0].items()})
         record = {k: (float(f"{v:.8g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         progress.set_postfix(reward=f"{record['reward/mean']:.4g}", kl=f"{record.get('policy/approx_kl', 0):.2g}")
         if config.log_with != "none":
@@ -226,8 +256,8 @@ def train(config: Config) -> TrainResult:
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        final_metrics, images = evaluate(config, policy, reward, eval_prompts, accelerator)
-        run.save_samples(config.epochs, images, eval_prompts)
+        final_metrics, images = evaluate(config, policy, reward, eval_sets)
+        run.save_samples(config.epochs, images, eval_sets["train"])
         (run.path / "samples" / "after.png").write_bytes(
             (run.path / "samples" / f"epoch_{config.epochs:04d}.png").read_bytes())
         summary = {"preset": config.preset, "reward": config.reward, "model": config.model.name,
