@@ -84,7 +84,7 @@ def main(args: Args) -> dict:
         train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accelerator, epoch)
         end = time.perf_counter()
         timings.append({"epoch_s": end - start, "sample_s": split["time/sample_s"],
-                        "reward_s": split["time/reward_s"], "train_s": end - start_train})
+                        "reward_wait_s": split["time/reward_wait_s"], "train_s": end - start_train})
     measured = timings[-1]
 
     floor = _floor(policy, config, args, rollout)

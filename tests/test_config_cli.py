@@ -1,12 +1,18 @@
 """Configs and the CLI: presets validate, bad settings are rejected before anything runs, --help documents."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from diffalign import cli
 from diffalign.config import PRESETS, Config, preset, replace
+from diffalign.models.tiny import build_tiny_clip
 from diffalign.train.loop import train
+
+LAION_DIR = Path(os.environ.get("DIFFALIGN_LAION_AESTHETIC_DIR",
+                                Path(__file__).resolve().parents[2] / "shared" / "data" / "laion-aesthetic"))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -20,9 +26,14 @@ def test_reference_presets_run_with_the_tiny_model(name, tmp_path):
     config = preset(name)
     assert config.model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert config.sample.num_inference_steps == 50 and config.ddpo.clip_range == 1e-4
-    if config.reward == "aesthetic":
-        pytest.skip("the aesthetic reward needs CLIP ViT-L/14 weights (runs in tests/rewards on a tiny CLIP)")
-    small = replace(config, run_dir=str(tmp_path / "run"), epochs=1, log_with="none",
+    kwargs = {}
+    if config.reward == "aesthetic":  # the real LAION head on a tiny random CLIP of the same class
+        head = LAION_DIR / "sac+logos+ava1-l14-linearMSE.pth"
+        if not head.is_file():
+            pytest.skip(f"LAION aesthetic head not found at {head} (set DIFFALIGN_LAION_AESTHETIC_DIR)")
+        build_tiny_clip(768).save_pretrained(tmp_path / "clip")
+        kwargs = {"head": str(head), "clip_model": str(tmp_path / "clip")}
+    small = replace(config, run_dir=str(tmp_path / "run"), epochs=1, log_with="none", reward_kwargs=kwargs,
                     **{"model.name": "tiny", "model.mixed_precision": "no", "sample.num_inference_steps": 3,
                        "sample.batch_size_per_device": 2, "sample.num_batches_per_epoch": 1,
                        "train.batch_size_per_device": 1, "train.gradient_accumulation_steps": 2})

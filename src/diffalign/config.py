@@ -99,6 +99,8 @@ class Config:
     """Registered reward name (see `diffalign.rewards.names()`)."""
     reward_kwargs: dict[str, str] = field(default_factory=dict)
     """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward-kwargs key value`)."""
+    async_rewards: bool = True
+    """Score each sampling batch in a worker thread while the next batch samples."""
     prompts: str = "imagenet_animals"
     """Registered prompt source or a path to a text file with one prompt per line."""
     eval_prompts: str | None = None

@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from diffalign.models.tiny import build_tiny_clip  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 LAION_DIR = Path(os.environ.get("DIFFALIGN_LAION_AESTHETIC_DIR", REPO.parent / "shared" / "data" / "laion-aesthetic"))
 
@@ -28,20 +30,6 @@ def _respect_omp_num_threads():
     torch.set_num_threads(int(requested))
     yield
     torch.set_num_threads(previous)
-
-
-def build_tiny_clip(projection_dim: int = 768, seed: int = 0, image_size: int = 224):
-    """A random ``transformers.CLIPModel`` with 2-layer 32-wide towers and the real CLIP vocabulary size."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    common = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    config = CLIPConfig(
-        text_config=dict(common, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407),
-        vision_config=dict(common, image_size=image_size, patch_size=32),
-        projection_dim=projection_dim,
-    )
-    return CLIPModel(config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from diffalign.models.tokenizer import clip_tokenizer
 
@@ -86,3 +86,17 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     build_tiny_pipeline(seed).save_pretrained(directory)
     return directory
+
+
+def build_tiny_clip(projection_dim: int = 768, seed: int = 0, image_size: int = 224) -> CLIPModel:
+    """A random ``transformers.CLIPModel`` with 2-layer 32-wide towers and the real CLIP vocabulary size: the
+    classes of CLIP-based rewards (aesthetic, PickScore, CLIP score) at test size."""
+    common = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407),
+        vision_config=dict(common, image_size=image_size, patch_size=32),
+        projection_dim=projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPModel(config).eval()

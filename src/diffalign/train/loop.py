@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,21 +58,32 @@ def epoch_prompts_and_seeds(config: Config, source, epoch: int, accelerator: Acc
     return [everything[i] for i in indices], [sample_seed(config.seed, epoch, i) for i in indices]
 
 
-def collect(config: Config, policy: Policy, reward, prompts: list[str], seeds: list[int]) -> tuple[Rollout, dict]:
-    """Samples this epoch's trajectories batch by batch and scores them; returns the rollout and timings."""
+def _score(reward, rollout: Rollout) -> torch.Tensor:
+    with torch.no_grad():
+        return reward(rollout.images, rollout.prompts)
+
+
+def collect(config: Config, policy: Policy, reward, prompts: list[str], seeds: list[int],
+            executor: ThreadPoolExecutor | None = None) -> tuple[Rollout, dict]:
+    """Samples this epoch's trajectories batch by batch and scores them; returns the rollout and timings.
+
+    With an ``executor`` each batch's reward runs in a worker thread while the next batch samples (as DDPO
+    does); ``time/reward_wait_s`` is the reward time left after sampling ends.
+    """
     policy.unet.eval()
-    batch, parts = config.sample.batch_size_per_device, []
-    sample_s = reward_s = 0.0
+    batch, parts, pending = config.sample.batch_size_per_device, [], []
+    start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        start = time.perf_counter()
         part = sample(policy, prompts[i : i + batch], seeds[i : i + batch], config.sample.settings())
-        sample_s += time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            part.rewards = reward(part.images, part.prompts)
-        reward_s += time.perf_counter() - start
         parts.append(part)
-    return Rollout.cat(parts), {"time/sample_s": sample_s, "time/reward_s": reward_s}
+        pending.append(executor.submit(_score, reward, part) if executor else None)
+        if executor is None:
+            part.rewards = _score(reward, part)
+    sampled = time.perf_counter()
+    for part, future in zip(parts, pending):
+        if future is not None:
+            part.rewards = future.result()
+    return Rollout.cat(parts), {"time/sample_s": sampled - start, "time/reward_wait_s": time.perf_counter() - sampled}
 
 
 def compute_advantages(config: Config, rollout: Rollout, tracker, accelerator: Accelerator) -> tuple[torch.Tensor, dict]:
@@ -208,6 +220,7 @@ def train(config: Config) -> TrainResult:
                                   eps=t.adam_epsilon)
     policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
     tracker = PerPromptStatTracker(t.stat_buffer_size, t.stat_min_count) if t.per_prompt_stat_tracking else None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if config.async_rewards else None
 
     state = TrainerState()
     if config.resume:
@@ -231,7 +244,7 @@ def train(config: Config) -> TrainResult:
     for epoch in progress:
         prompts, seeds = epoch_prompts_and_seeds(config, source, epoch, accelerator)
         start = time.perf_counter()
-        rollout, timings = collect(config, policy, reward, prompts, seeds)
+        rollout, timings = collect(config, policy, reward, prompts, seeds, executor)
         advantages, reward_metrics = compute_advantages(config, rollout, tracker, accelerator)
         start_train = time.perf_counter()
         train_metrics, steps = train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accelerator,
@@ -266,4 +279,6 @@ def train(config: Config) -> TrainResult:
             summary["base"] = state.extra["base"]
         run.finish(summary, f"diffalign {config.algorithm} — {config.preset} — {config.reward}")
     accelerator.end_training()
+    if executor is not None:
+        executor.shutdown()
     return TrainResult(run_path, policy, tracker)

@@ -1,0 +1,75 @@
+"""Sampling with rewards scored in a worker thread versus inline, side by side in one process.
+
+The reward is a remote-style scorer with a fixed latency per call (``--latency-s``, like a VLM server); with
+the worker thread its calls overlap the next batch's sampling. Prints one JSON object with both collection
+times and their ratio.
+
+    python benchmarks/bench_async_rewards.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Args:
+    latency_s: float = 0.5
+    """Seconds each reward call waits (a remote scorer's round trip)."""
+    batches: int = 4
+    """Sampling batches per epoch."""
+    batch_size: int = 8
+    """Samples per batch."""
+    steps: int = 20
+    """DDIM steps."""
+    threads: int = 2
+    """torch threads."""
+
+
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+
+    from diffalign.config import preset, replace
+    from diffalign.rewards.jpeg import JpegCompressibility
+    from diffalign.train.loop import build_policy, collect
+
+    class RemoteJpeg(JpegCompressibility):
+        """JPEG compressibility behind a fixed round-trip latency."""
+
+        def score(self, images, prompts):
+            time.sleep(args.latency_s)
+            return super().score(images, prompts)
+
+    torch.set_num_threads(args.threads)
+    config = replace(preset("ddpo-tiny"), **{"sample.num_inference_steps": args.steps,
+                                             "sample.batch_size_per_device": args.batch_size,
+                                             "sample.num_batches_per_epoch": args.batches})
+    policy = build_policy(config, Accelerator())
+    reward = RemoteJpeg()
+    prompts = ["a cat"] * (args.batches * args.batch_size)
+    seeds = list(range(len(prompts)))
+    collect(config, policy, reward, prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up
+    results = {}
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        for name, pool in [("inline", None), ("async", executor), ("inline_again", None)]:
+            start = time.perf_counter()
+            rollout, _ = collect(config, policy, reward, prompts, seeds, pool)
+            results[name] = time.perf_counter() - start
+            results.setdefault("rewards", rollout.rewards.tolist())
+    inline = (results["inline"] + results["inline_again"]) / 2
+    return {"latency_s": args.latency_s, "batches": args.batches, "inline_s": round(inline, 3),
+            "async_s": round(results["async"], 3), "ratio_async_to_inline": round(results["async"] / inline, 3),
+            "reward_time_total_s": args.latency_s * args.batches}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(tyro.cli(Args))))
