@@ -77,6 +77,21 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], path: Path, 
         ) from error
 
 
+def mlp_head_layers(input_size: int) -> nn.Sequential:
+    """The MLP shared by the LAION "improved" aesthetic head and ImageReward's head (no activations):
+    Linear →1024, Dropout .2, Linear →128, Dropout .2, Linear →64, Dropout .1, Linear →16, Linear →1."""
+    return nn.Sequential(
+        nn.Linear(input_size, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
 class AestheticHead(nn.Module):
     """The "improved" LAION aesthetic MLP: L2-normalised CLIP ViT-L/14 embeddings ``[N, 768]`` → scores ``[N]``.
 
@@ -88,16 +103,7 @@ class AestheticHead(nn.Module):
     def __init__(self, embed_dim: int = 768):
         super().__init__()
         self.embed_dim = embed_dim
-        self.layers = nn.Sequential(
-            nn.Linear(embed_dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.layers = mlp_head_layers(embed_dim)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, 768]`` L2-normalised embeddings → ``[N]`` scores."""

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign.rewards.aesthetic import mlp_head_layers
 from diffalign.rewards.base import Reward, RewardError
 from diffalign.rewards.common import clip_preprocess, optional_import
 from diffalign.rewards.registry import register
@@ -44,16 +45,7 @@ class ImageRewardMLP(nn.Module):
     def __init__(self, input_size: int = 768):
         super().__init__()
         self.input_size = input_size
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.layers = mlp_head_layers(input_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
