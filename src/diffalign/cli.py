@@ -23,6 +23,8 @@ commands:
   config show      print the resolved config as JSON
   config validate  check a config and list every problem
   reward-server    serve a registered reward over HTTP
+  pretrain shapes         train the ShapesWorld base model (see `diffalign pretrain shapes --help`)
+  pretrain shapes-reward  train the learned, differentiable ShapesWorld reward
 
 presets: {', '.join(sorted(PRESETS))}
 """
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             print("config is valid")
     elif command == "reward-server":
         _reward_server(rest)
+    elif command == "pretrain" and rest and rest[0] in ("shapes", "shapes-reward"):
+        _pretrain(rest[0], rest[1:])
     else:
         raise SystemExit(f"diffalign: unknown command {' '.join(argv[:2])!r}\n\n{USAGE}")
 
@@ -159,6 +163,24 @@ def _reward_server(args: list[str]) -> None:
     except ValueError as error:
         raise SystemExit(f"diffalign reward-server: {error}") from None
     serve(reward, host=parsed.host, port=parsed.port)
+
+
+def _pretrain(what: str, args: list[str]) -> None:
+    prog = f"diffalign pretrain {what}"
+    if what == "shapes":
+        from diffalign.world.pretrain import PretrainConfig, pretrain
+
+        config = tyro.cli(PretrainConfig, args=args, prog=prog)
+        run = pretrain
+    else:
+        from diffalign.world.reward_training import RewardTrainingConfig, train_reward_model
+
+        config = tyro.cli(RewardTrainingConfig, args=args, prog=prog)
+        run = train_reward_model
+    errors = config.validate() if hasattr(config, "validate") else []
+    if errors:
+        raise SystemExit(f"{prog}: invalid config:\n  - " + "\n  - ".join(errors))
+    print(f"wrote {run(config)}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,11 @@ class Config:
     """Registered reward name (see `diffalign.rewards.names()`)."""
     reward_kwargs: dict[str, str] = field(default_factory=dict)
     """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward-kwargs key value`)."""
+    gold_reward: str | None = None
+    """A second registered reward the run is judged by but not trained on (reward-hacking curves): logged per
+    epoch as reward/gold_mean on the training samples and in every evaluation."""
+    gold_reward_kwargs: dict[str, str] = field(default_factory=dict)
+    """Keyword arguments of the gold reward's constructor."""
     async_rewards: bool = True
     """Score each sampling batch in a worker thread while the next batch samples."""
     prompts: str = "imagenet_animals"
@@ -168,8 +173,9 @@ class Config:
             errors.append(f"train.stat_buffer_size and train.stat_min_count must be >= 1, "
                           f"got {t.stat_buffer_size} and {t.stat_min_count}")
         errors += self.ddpo.validate()
-        if self.reward not in rewards.names():
-            errors.append(f"reward {self.reward!r} is not registered; choose one of {', '.join(rewards.names())}")
+        for label, name in [("reward", self.reward), ("gold_reward", self.gold_reward)]:
+            if name is not None and name not in rewards.names():
+                errors.append(f"{label} {name!r} is not registered; choose one of {', '.join(rewards.names())}")
         if self.eval_freq < 0:
             errors.append(f"eval_freq must be >= 0 (0 = only before and after training), got {self.eval_freq}")
         if self.eval_prompts is not None:

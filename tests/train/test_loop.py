@@ -84,3 +84,19 @@ def test_exported_lora_reproduces_the_trained_policy(full_run):
     with torch.no_grad():
         torch.testing.assert_close(exported.model_output(x, t, emb), trained.model_output(x, t, emb))
         assert (trained.model_output(x, t, emb) - load_policy("tiny").model_output(x, t, emb)).abs().max() > 0
+
+
+def test_composite_members_and_gold_reward_are_logged(tmp_path):
+    config = _tiny(tmp_path, "gold", epochs=1, reward="composite", eval_prompts="nouns_activities", eval_samples=4,
+                   reward_kwargs={"weights": "brightness=1, jpeg_compressibility=0.1"},
+                   gold_reward="jpeg_incompressibility")
+    run = train(config).run_dir
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    members = record["reward/components/brightness"] + 0.1 * record["reward/components/jpeg_compressibility"]
+    assert record["reward/mean"] == pytest.approx(members, rel=1e-5)
+    assert record["reward/gold_mean"] == pytest.approx(-record["reward/components/jpeg_compressibility"], rel=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
+    for when in ("base", "final"):
+        assert set(summary[when]) == {"train_reward_mean", "train_gold_mean", "heldout_reward_mean",
+                                      "heldout_gold_mean"}
+    assert (run / "plots" / "eval.png").is_file()

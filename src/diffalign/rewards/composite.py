@@ -69,14 +69,33 @@ class CompositeReward(Reward):
         return sum(weight * components[reward.name] for reward, weight in self.terms)
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``"aesthetic=1, jpeg_compressibility=0.1"`` → ``{"aesthetic": 1.0, "jpeg_compressibility": 0.1}``."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"composite weights: {item!r} is not of the form name=number (in {text!r})")
+    return weights
+
+
 @register("composite")
 def composite(
-    weights: Mapping[str, float], member_kwargs: Mapping[str, Mapping] | None = None, device: str | torch.device = "cpu"
+    weights: Mapping[str, float] | str,
+    member_kwargs: Mapping[str, Mapping] | None = None,
+    device: str | torch.device = "cpu",
 ) -> CompositeReward:
-    """Registry factory: ``get("composite", weights={...}, member_kwargs={...})``.
+    """Registry factory: ``get("composite", weights={...}, member_kwargs={...})``, or from the command line
+    ``--reward composite --reward-kwargs weights "shapes=1,brightness=0.1"``.
 
     See :meth:`CompositeReward.from_names`.
     """
+    if isinstance(weights, str):
+        weights = parse_weights(weights)
     return CompositeReward.from_names(weights, member_kwargs, device)
 
 

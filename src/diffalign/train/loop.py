@@ -58,17 +58,20 @@ def epoch_prompts_and_seeds(config: Config, source, epoch: int, accelerator: Acc
     return [everything[i] for i in indices], [sample_seed(config.seed, epoch, i) for i in indices]
 
 
-def _score(reward, rollout: Rollout) -> torch.Tensor:
+def _score(reward, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch's rewards and, for composite rewards, each member's values (read in the same thread)."""
     with torch.no_grad():
-        return reward(rollout.images, rollout.prompts)
+        rewards = reward(rollout.images, rollout.prompts)
+    return rewards, dict(getattr(reward, "last_components", {}))
 
 
 def collect(config: Config, policy: Policy, reward, prompts: list[str], seeds: list[int],
-            executor: ThreadPoolExecutor | None = None) -> tuple[Rollout, dict]:
-    """Samples this epoch's trajectories batch by batch and scores them; returns the rollout and timings.
+            executor: ThreadPoolExecutor | None = None) -> tuple[Rollout, dict, dict[str, torch.Tensor]]:
+    """Samples this epoch's trajectories batch by batch and scores them.
 
     With an ``executor`` each batch's reward runs in a worker thread while the next batch samples (as DDPO
-    does); ``time/reward_wait_s`` is the reward time left after sampling ends.
+    does); ``time/reward_wait_s`` is the reward time left after sampling ends. Returns the rollout, the
+    timings and the members' values ``[B]`` of a composite reward (empty otherwise).
     """
     policy.unet.eval()
     batch, parts, pending = config.sample.batch_size_per_device, [], []
@@ -76,14 +79,20 @@ def collect(config: Config, policy: Policy, reward, prompts: list[str], seeds: l
     for i in range(0, len(prompts), batch):
         part = sample(policy, prompts[i : i + batch], seeds[i : i + batch], config.sample.settings())
         parts.append(part)
-        pending.append(executor.submit(_score, reward, part) if executor else None)
-        if executor is None:
-            part.rewards = _score(reward, part)
+        pending.append(executor.submit(_score, reward, part) if executor else _score(reward, part))
     sampled = time.perf_counter()
-    for part, future in zip(parts, pending):
-        if future is not None:
-            part.rewards = future.result()
-    return Rollout.cat(parts), {"time/sample_s": sampled - start, "time/reward_wait_s": time.perf_counter() - sampled}
+    scored = [item.result() if executor else item for item in pending]
+    for part, (rewards, _) in zip(parts, scored):
+        part.rewards = rewards
+    components = {name: torch.cat([c[name] for _, c in scored]) for name in scored[0][1]}
+    timings = {"time/sample_s": sampled - start, "time/reward_wait_s": time.perf_counter() - sampled}
+    return Rollout.cat(parts), timings, components
+
+
+def gathered_means(values: dict[str, torch.Tensor], accelerator: Accelerator, prefix: str) -> dict[str, float]:
+    """``{prefix + name: mean over all processes}`` of per-sample values ``[B_local]``."""
+    return {f"{prefix}{name}": accelerator.gather(v.to(accelerator.device)).float().mean().item()
+            for name, v in values.items()}
 
 
 def compute_advantages(config: Config, rollout: Rollout, tracker, accelerator: Accelerator) -> tuple[torch.Tensor, dict]:
@@ -145,33 +154,37 @@ def evaluation_sets(config: Config, source) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def evaluate(config: Config, policy: Policy, reward, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
-    """Reward (and strict accuracy, for rewards with an ``evaluate`` method) on each fixed evaluation set.
+def evaluate(config: Config, policy: Policy, judges: dict, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
+    """Each judge's score (and strict accuracy, for rewards with an ``evaluate`` method) on each fixed set.
 
-    Every call samples the same prompts with the same seeds and the training sampler's settings. Returns the
-    metrics ``{split}_reward_mean``, ``{split}_strict_accuracy`` and the first set's images.
+    ``judges`` maps a metric name to a reward: ``{"reward": trained-on, "gold": judged-by}``. Every call samples
+    the same prompts with the same seeds and the training sampler's settings. Returns the metrics
+    ``{split}_{judge}_mean`` and ``{split}_{judge}_strict_accuracy`` (``{split}_strict_accuracy`` for the
+    trained-on reward) and the first set's images.
     """
     wrapped, policy.unet = policy.unet, policy.base_unet  # main process only: no collective calls
     policy.unet.eval()
     try:
-        return _evaluate_sets(config, policy, reward, sets)
+        return _evaluate_sets(config, policy, judges, sets)
     finally:
         policy.unet = wrapped
 
 
-def _evaluate_sets(config: Config, policy: Policy, reward, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
+def _evaluate_sets(config: Config, policy: Policy, judges: dict, sets: dict[str, list[str]]) -> tuple[dict, torch.Tensor]:
     metrics, first_images = {}, None
     batch = config.sample.batch_size_per_device
     for k, (split, prompts) in enumerate(sets.items()):
         seeds = [derive_seed(config.seed, 0, i, EVAL_STREAM + 1 + k) for i in range(len(prompts))]
         rollout = Rollout.cat([sample(policy, prompts[i : i + batch], seeds[i : i + batch], config.sample.settings())
                                for i in range(0, len(prompts), batch)])
-        if hasattr(reward, "evaluate"):
-            scores, strict = reward.evaluate(rollout.images, rollout.prompts)
-            metrics[f"{split}_strict_accuracy"] = strict.float().mean().item()
-        else:
-            scores = reward(rollout.images, rollout.prompts)
-        metrics[f"{split}_reward_mean"] = scores.float().mean().item()
+        for name, judge in judges.items():
+            strict_key = f"{split}_strict_accuracy" if name == "reward" else f"{split}_{name}_strict_accuracy"
+            if hasattr(judge, "evaluate"):
+                scores, strict = judge.evaluate(rollout.images, rollout.prompts)
+                metrics[strict_key] = strict.float().mean().item()
+            else:
+                scores = judge(rollout.images, rollout.prompts)
+            metrics[f"{split}_{name}_mean"] = scores.float().mean().item()
         first_images = rollout.images if first_images is None else first_images
     return metrics, first_images
 
@@ -212,6 +225,8 @@ def train(config: Config) -> TrainResult:
     set_seed(config.seed)
     policy = build_policy(config, accelerator)
     reward = rewards.get(config.reward, device=accelerator.device, **config.reward_kwargs)
+    gold = (rewards.get(config.gold_reward, device=accelerator.device, **config.gold_reward_kwargs)
+            if config.gold_reward else None)
     source = prompt_sources.get(config.prompts)
     algorithm = DDPO(config.ddpo)
     t = config.train
@@ -229,6 +244,7 @@ def train(config: Config) -> TrainResult:
             tracker.load_state_dict(state.stat_tracker)
     run = RunFolder(run_path) if accelerator.is_main_process else None
     eval_sets = evaluation_sets(config, source)
+    judges = {"reward": reward, **({"gold": gold} if gold is not None else {})}
     if run is not None:
         run.write_config(config)
         run.truncate_metrics(state.epochs_done)
@@ -236,7 +252,7 @@ def train(config: Config) -> TrainResult:
         accelerator.init_trackers("diffalign", config=_flat(config))
 
     if state.epochs_done == 0 and accelerator.is_main_process:
-        state.extra["base"], images = evaluate(config, policy, reward, eval_sets)
+        state.extra["base"], images = evaluate(config, policy, judges, eval_sets)
         run.save_samples(0, images, eval_sets["train"])
         (run.path / "samples" / "before.png").write_bytes((run.path / "samples" / "epoch_0000.png").read_bytes())
     progress = tqdm(range(state.epochs_done, config.epochs), initial=state.epochs_done, total=config.epochs,
@@ -244,8 +260,13 @@ def train(config: Config) -> TrainResult:
     for epoch in progress:
         prompts, seeds = epoch_prompts_and_seeds(config, source, epoch, accelerator)
         start = time.perf_counter()
-        rollout, timings = collect(config, policy, reward, prompts, seeds, executor)
+        rollout, timings, components = collect(config, policy, reward, prompts, seeds, executor)
         advantages, reward_metrics = compute_advantages(config, rollout, tracker, accelerator)
+        reward_metrics.update(gathered_means(components, accelerator, "reward/components/"))
+        if gold is not None:
+            with torch.no_grad():
+                reward_metrics.update(gathered_means({"gold_mean": gold(rollout.images, rollout.prompts)},
+                                                     accelerator, "reward/"))
         start_train = time.perf_counter()
         train_metrics, steps = train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accelerator,
                                            epoch)
@@ -255,7 +276,7 @@ def train(config: Config) -> TrainResult:
                   "time/train_s": time.perf_counter() - start_train, "time/epoch_s": time.perf_counter() - start}
         if config.eval_freq and state.epochs_done % config.eval_freq == 0 and state.epochs_done < config.epochs:
             if accelerator.is_main_process:
-                record.update({f"eval/{k}": v for k, v in evaluate(config, policy, reward, eval_sets)[0].items()})
+                record.update({f"eval/{k}": v for k, v in evaluate(config, policy, judges, eval_sets)[0].items()})
         record = {k: (float(f"{v:.8g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         progress.set_postfix(reward=f"{record['reward/mean']:.4g}", kl=f"{record.get('policy/approx_kl', 0):.2g}")
         if config.log_with != "none":
@@ -269,7 +290,7 @@ def train(config: Config) -> TrainResult:
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        final_metrics, images = evaluate(config, policy, reward, eval_sets)
+        final_metrics, images = evaluate(config, policy, judges, eval_sets)
         run.save_samples(config.epochs, images, eval_sets["train"])
         (run.path / "samples" / "after.png").write_bytes(
             (run.path / "samples" / f"epoch_{config.epochs:04d}.png").read_bytes())

@@ -58,6 +58,16 @@ class RunFolder:
     def finish(self, summary: dict, title: str) -> None:
         """Writes the reward curve, summary.json and report.html."""
         records = self.metrics()
-        plot_curves(records, ["reward/mean"], self.path / "plots" / "reward.png", title="reward/mean per epoch")
+        plot_curves(records, ["reward/mean", "reward/gold_mean"], self.path / "plots" / "reward.png",
+                    title="reward on each epoch's samples")
+        # Evaluations after 0 (base), the periodic ones and all epochs (final), x = epochs done.
+        points = [{"epochs_done": 0, **summary.get("base", {})}]
+        points += [{"epochs_done": r["epoch"] + 1, **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+                   for r in records if any(k.startswith("eval/") for k in r)]
+        points.append({"epochs_done": summary["epochs"], **summary.get("final", {})})
+        keys = sorted({k for p in points for k in p if k.endswith(("strict_accuracy", "_mean"))})
+        if "base" in summary and keys:
+            plot_curves(points, keys, self.path / "plots" / "eval.png", title="evaluation on fixed prompts and seeds",
+                        x_key="epochs_done")
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
         write_report(self.path, title, summary, records)
