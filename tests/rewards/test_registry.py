@@ -39,6 +39,7 @@ CASES: dict[str, Callable[[Fixture], tuple[dict, list[str]]]] = {
     "ocr": lambda fx: ({"num_threads": 1, "det_limit_side_len": 320}, ['a sign that says "hi"', 'a "STOP" sign']),
     "pickscore": lambda fx: ({"model": fx("tiny_clip")}, ["a red circle", "a cat on the moon"]),
     "shapes": lambda fx: ({}, _shapes_prompts(fx)),
+    "shapes_learned": lambda fx: ({}, _shapes_prompts(fx)),
 }
 
 

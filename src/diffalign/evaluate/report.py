@@ -22,6 +22,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _comparison(summary: dict) -> str:
+    """Base vs final evaluation metrics, with the relative change."""
+    base, final = summary.get("base", {}), summary.get("final", {})
+    if not final:
+        return ""
+    rows = []
+    for key in sorted(final):
+        b, f = base.get(key), final[key]
+        change = f"{(f - b) / abs(b):+.1%}" if isinstance(b, float) and b != 0 else ""
+        rows.append(f"<tr><th>{html.escape(key)}</th><td>{_fmt(b) if b is not None else ''}</td>"
+                    f"<td>{_fmt(f)}</td><td>{change}</td></tr>")
+    return ("<h2>Before and after training</h2><table><tr><th>metric (fixed prompts and seeds)</th><th>base</th>"
+            f"<th>final</th><th>change</th></tr>{''.join(rows)}</table>")
+
+
 def write_report(run_dir: Path, title: str, summary: dict, records: list[dict]) -> Path:
     """Writes ``run_dir/report.html`` with the summary, before/after grids, curves and the metrics table."""
     run_dir = Path(run_dir)
@@ -49,7 +64,8 @@ img {{ image-rendering: pixelated; max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 1em; font-size: 12px; overflow: auto; max-height: 30em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<h2>Summary</h2>{_table(summary)}
+{_comparison(summary)}
+<h2>Run</h2>{_table({k: v for k, v in summary.items() if k not in ("base", "final")})}
 <h2>Samples</h2>{''.join(images) or '<p>No sample grids.</p>'}
 <h2>Curves</h2>{plot_html or '<p>No plots.</p>'}
 <h2>Metrics per epoch</h2><div style="overflow:auto"><table><tr>{head}</tr>{body}</table></div>

@@ -11,16 +11,19 @@ family one-hot (4), then per noun-phrase slot (two slots; the second is empty fo
 a "slot used" bit, colour one-hot (4), shape one-hot (3), size one-hot (unsaid/small/large, 3) and count
 one-hot (1–4, 4), then the relation one-hot (4; all zero outside relation captions).
 
-Network (:class:`ShapesRewardModel`, 0.33 M parameters): the image with two coordinate channels (CoordConv, so
-positions are visible to the convolutions) goes through six 3×3 convolutions (32×32 → 16×16 → 8×8) each followed
-by GroupNorm, FiLM (a per-channel scale and shift computed from the caption vector, Perez et al. 2018) and SiLU;
-the head reads the average and max pools of the last feature map, the spatial soft-argmax positions of 16 of its
-channels (Levine et al. 2016: where things are, for the relations) and the caption vector, through a two-layer
-MLP to one logit. ``score = sigmoid(logit)`` in (0, 1).
+Network (:class:`ShapesRewardModel`, 0.22 M parameters, 0.9 MB in fp32): the image with two coordinate channels
+(CoordConv, so positions are visible to the convolutions) goes through four 3×3 convolutions (widths 32, 48, 64,
+96; strides 2, 1, 2, 1: 32×32 in, 8×8 out), each followed by GroupNorm, FiLM (a per-channel scale and shift
+computed from the caption vector, Perez et al. 2018) and SiLU; the head reads the average and max pools of the
+last feature map, the spatial soft-argmax positions of 16 of its channels (Levine et al. 2016: where things are,
+for the relations) and the caption vector, through a two-layer MLP to one logit. ``score = sigmoid(logit)``.
 
 Training (:mod:`diffalign.world.reward_training`) is binary cross-entropy against the verifiable score of freshly
 rendered positive and perturbed scenes with blur/noise augmentation; its agreement report ships beside the
-weights (``world/assets/shapes-reward-eval.json``).
+weights (``world/assets/shapes-reward-eval.json``). The shipped weights reach, on 1000 fresh degraded pairs per
+caption split, Pearson 0.93 (train captions) / 0.90 (held-out captions) with the verifiable score and a mean
+absolute error of 0.09 / 0.10. They have seen rendered and degraded scenes only, never diffusion samples: trust
+the verifiable reward, not this one, to say whether a model got better.
 """
 
 from __future__ import annotations
@@ -80,7 +83,10 @@ def encode_captions(prompts: Sequence[str]) -> torch.Tensor:
 
 
 class FiLMConv(nn.Module):
-    """3×3 convolution → GroupNorm → FiLM ``(1 + γ(c))·h + β(c)`` → SiLU: ``[B, C_in, H, W]`` → ``[B, C_out, H', W']``."""
+    """3×3 convolution → GroupNorm → FiLM ``(1 + γ(c))·h + β(c)`` → SiLU.
+
+    ``x [B, C_in, H, W]`` and the caption embedding ``c [B, cond_dim]`` → ``[B, C_out, H / stride, W / stride]``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int):
         super().__init__()
@@ -99,8 +105,14 @@ class ShapesRewardModel(nn.Module):
     :meth:`score` is ``sigmoid(logit)``, the predicted fraction of constraints met (module docstring).
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64, 96, 96), strides: tuple[int, ...] = (1, 1, 2, 1, 2, 1),
-                 cond_hidden: int = 128, keypoints: int = 16, head_hidden: int = 128):
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 48, 64, 96),
+        strides: tuple[int, ...] = (2, 1, 2, 1),
+        cond_hidden: int = 128,
+        keypoints: int = 16,
+        head_hidden: int = 128,
+    ):
         super().__init__()
         self.cond = nn.Sequential(nn.Linear(CAPTION_DIM, cond_hidden), nn.SiLU(), nn.Linear(cond_hidden, cond_hidden))
         channels = (3 + 2, *widths)
@@ -150,7 +162,9 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     try:
         state = load_file(str(path))
     except Exception as error:
-        raise RewardError(f"reward 'shapes_learned': {str(path)!r} is not a readable safetensors file: {error}") from error
+        raise RewardError(
+            f"reward 'shapes_learned': {str(path)!r} is not a readable safetensors file: {error}"
+        ) from error
     model = ShapesRewardModel()
     try:
         model.load_state_dict(state, strict=True)
