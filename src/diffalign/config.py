@@ -235,8 +235,18 @@ def _presets() -> dict[str, Config]:
         train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=1, learning_rate=1e-3,
                           stat_min_count=4),
     )
+    shapes = Config(
+        reward="shapes", prompts="shapes", eval_prompts="shapes_heldout", eval_samples=96, eval_freq=10, epochs=40,
+        save_freq=10,
+        model=ModelConfig(name="shapes", lora_rank=8, lora_alpha=8.0),
+        sample=SampleConfig(num_inference_steps=20, guidance_scale=5.0, batch_size_per_device=32,
+                            num_batches_per_epoch=1),
+        train=TrainConfig(batch_size_per_device=16, gradient_accumulation_steps=1, learning_rate=1e-3,
+                          stat_min_count=8),
+    )
     presets = {
         "ddpo-tiny": tiny,
+        "ddpo-shapes": shapes,
         "ddpo-sd15-compressibility": _ddpo_reference("jpeg_compressibility", "imagenet_animals"),
         "ddpo-sd15-incompressibility": _ddpo_reference("jpeg_incompressibility", "imagenet_animals"),
         "ddpo-sd15-aesthetic": _ddpo_reference(
