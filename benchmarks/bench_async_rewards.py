@@ -62,7 +62,7 @@ def main(args: Args) -> dict:
     with ThreadPoolExecutor(max_workers=1) as executor:
         for name, pool in [("inline", None), ("async", executor), ("inline_again", None)]:
             start = time.perf_counter()
-            rollout, _ = collect(config, policy, reward, prompts, seeds, pool)
+            rollout, _, _ = collect(config, policy, reward, prompts, seeds, pool)
             results[name] = time.perf_counter() - start
             results.setdefault("rewards", rollout.rewards.tolist())
     inline = (results["inline"] + results["inline_again"]) / 2

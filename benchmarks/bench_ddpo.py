@@ -78,7 +78,7 @@ def main(args: Args) -> dict:
         prompt_list = source.draw(args.samples, torch.Generator().manual_seed(epoch))
         seeds = list(range(epoch * args.samples, (epoch + 1) * args.samples))
         start = time.perf_counter()
-        rollout, split = collect(config, policy, reward, prompt_list, seeds)
+        rollout, split, _ = collect(config, policy, reward, prompt_list, seeds)
         advantages, _ = compute_advantages(config, rollout, tracker, accelerator)
         start_train = time.perf_counter()
         train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accelerator, epoch)

@@ -1,0 +1,30 @@
+"""The benchmark scripts run and print the numbers they promise (tiny sizes; timings are not asserted)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ddpo_reports_the_epoch_split_and_floor():
+    bench = _load("bench_ddpo")
+    result = bench.main(bench.Args(samples=4, sample_batch=2, train_batch=2, steps=2, threads=1))
+    for key in ["epoch_s", "sample_s", "reward_wait_s", "train_s", "floor_s", "ratio_epoch_to_floor", "peak_rss_mb"]:
+        assert result[key] > 0 or key == "reward_wait_s", key
+    assert result["ratio_epoch_to_floor"] == round(result["epoch_s"] / result["floor_s"], 4)
+
+
+def test_bench_async_rewards_overlaps_a_slow_reward():
+    bench = _load("bench_async_rewards")
+    result = bench.main(bench.Args(latency_s=0.3, batches=3, batch_size=1, steps=2, threads=1))
+    # three 0.3 s reward calls: inline pays all of them, async hides all but the last behind sampling
+    assert result["inline_s"] > 0.9 and result["async_s"] < result["inline_s"]
