@@ -156,6 +156,9 @@ def save_pipeline(pipeline: StableDiffusionPipeline, directory: str | Path) -> P
     pipeline.save_pretrained(directory, safe_serialization=True)
     tokenizer_dir = save_clip_tokenizer(directory / "tokenizer", TOKENIZER_MAX_LENGTH)
     (tokenizer_dir / "tokenizer.json").unlink(missing_ok=True)
+    for path in directory.rglob("*"):  # safetensors files are written owner-only (0600); ship them readable
+        if path.is_file():
+            path.chmod(0o644)
     return directory
 
 
