@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/diffalign train --preset ddpo-tiny
+	$(VENV)/bin/diffalign train --preset ddpo-shapes
 
 test: install
 	$(PY) -m pytest -q

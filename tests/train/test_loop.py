@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.config import preset, replace
-from diffalign.train.loop import train
+from diffalign import prompts as prompt_sources
+from diffalign.train.loop import epoch_prompts_and_seeds, train
 
 
 def _tiny(tmp_path, name, **changes):
@@ -100,3 +101,29 @@ def test_composite_members_and_gold_reward_are_logged(tmp_path):
         assert set(summary[when]) == {"train_reward_mean", "train_gold_mean", "heldout_reward_mean",
                                       "heldout_gold_mean"}
     assert (run / "plots" / "eval.png").is_file()
+
+
+class _Process:
+    def __init__(self, num_processes, process_index):
+        self.num_processes, self.process_index = num_processes, process_index
+
+
+def test_samples_per_prompt_groups_prompts_within_each_process():
+    config = replace(preset("ddpo-tiny"), **{"sample.batch_size_per_device": 4, "sample.num_batches_per_epoch": 2,
+                                             "sample.samples_per_prompt": 4})
+    source = prompt_sources.get(config.prompts)
+    ranks = [epoch_prompts_and_seeds(config, source, 3, _Process(2, r)) for r in range(2)]
+    prompts = [p for rank_prompts, _ in ranks for p in rank_prompts]
+    seeds = [s for _, rank_seeds in ranks for s in rank_seeds]
+    assert len(prompts) == 16 and len(set(seeds)) == 16  # every sample keeps its own noise
+    groups = [prompts[i : i + 4] for i in range(0, 16, 4)]
+    assert all(len(set(group)) == 1 for group in groups)
+    assert len({group[0] for group in groups}) > 1
+    # k = 1 is DDPO's draw: the same seeds, one prompt each
+    single = replace(config, **{"sample.samples_per_prompt": 1})
+    assert epoch_prompts_and_seeds(single, source, 3, _Process(2, 0))[1] == ranks[0][1]
+
+
+def test_samples_per_prompt_must_divide_the_samples_per_device():
+    errors = replace(preset("ddpo-tiny"), **{"sample.samples_per_prompt": 3}).validate()
+    assert any("sample.samples_per_prompt (3) must divide" in e for e in errors)

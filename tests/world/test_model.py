@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffalign.config import preset, replace
 from diffalign.models import Policy, load_policy
 from diffalign.rewards.shapes import ShapesReward
 from diffalign.rollout import StepSettings, derive_seed, sample
 from diffalign.samplers import ddim_step
+from diffalign.train.loop import train
 from diffalign.world import model as shapes_model
 from diffalign.world.captions import caption_split, parse_caption
 from diffalign.world.pretrain import (
@@ -31,14 +33,6 @@ WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytor
 SINGLE_STRICT_THRESHOLD = 0.75
 GUIDANCE_SCALE = PretrainConfig().eval_guidance_scale
 
-#: The pretrained weights are produced by `diffalign pretrain shapes` and shipped once they reach the quality bar
-#: (issue: ShapesWorld base model); until then the tests of the shipped model say they skipped and why.
-requires_shipped = pytest.mark.skipif(
-    not all((shapes_model.BASE_MODEL_DIR / f).is_file() for f in WEIGHT_FILES),
-    reason=f"the ShapesWorld base weights are not shipped yet in {shapes_model.BASE_MODEL_DIR} "
-    "(build them with `diffalign pretrain shapes`)",
-)
-
 
 def _tiny_config(output_dir, **overrides) -> PretrainConfig:
     values = dict(output_dir=str(output_dir), seed=3, num_threads=1, vae_steps=2, vae_batch_size=4, unet_steps=3,
@@ -53,7 +47,6 @@ def test_base_model_path_names_the_fix_when_weights_are_missing(tmp_path, monkey
         shapes_model.base_model_path()
 
 
-@requires_shipped
 def test_shipped_folder_loads_offline_with_plain_diffusers():
     from diffusers import StableDiffusionPipeline
 
@@ -66,7 +59,6 @@ def test_shipped_folder_loads_offline_with_plain_diffusers():
     assert out.images.shape == (1, 3, 32, 32)
 
 
-@requires_shipped
 def test_load_policy_shapes_samples_32px_images():
     policy = load_policy("shapes")
     assert policy.latent_shape == (shapes_model.LATENT_CHANNELS, shapes_model.LATENT_SIZE, shapes_model.LATENT_SIZE)
@@ -76,7 +68,20 @@ def test_load_policy_shapes_samples_32px_images():
     assert torch.isfinite(rollout.log_probs).all()
 
 
-@requires_shipped
+def test_ddpo_shapes_preset_reports_heldout_strict_accuracy(tmp_path):
+    """The demo's preset, shrunk: the summary carries base and final held-out strict accuracy (issue 3)."""
+    config = replace(preset("ddpo-shapes"), run_dir=str(tmp_path / "run"), epochs=1, eval_samples=4, save_freq=1,
+                     log_with="none", **{"sample.batch_size_per_device": 4, "sample.num_inference_steps": 4,
+                                         "sample.samples_per_prompt": 2, "train.batch_size_per_device": 4,
+                                         "train.stat_min_count": 2})
+    run_dir = train(config).run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for when in ("base", "final"):
+        for key in ("heldout_strict_accuracy", "train_strict_accuracy", "heldout_reward_mean"):
+            assert 0.0 <= summary[when][key] <= 1.0, (when, key)
+    assert (run_dir / "report.html").is_file() and (run_dir / "samples" / "before.png").is_file()
+
+
 def test_shipped_model_draws_single_objects_right():
     """The base model gets most single-object captions exactly right (the DDPO headroom is in the others).
 

@@ -48,11 +48,16 @@ def build_policy(config: Config, accelerator: Accelerator) -> Policy:
 
 
 def epoch_prompts_and_seeds(config: Config, source, epoch: int, accelerator: Accelerator):
-    """This process's prompts and noise seeds for ``epoch`` (a slice of the epoch's global draw)."""
-    per_device = config.sample.samples_per_device
+    """This process's prompts and noise seeds for ``epoch`` (a slice of the epoch's global draw).
+
+    The epoch draws ``total / samples_per_prompt`` prompts and repeats each ``samples_per_prompt`` times in a row;
+    every sample keeps its own noise seed. Groups never straddle processes (``samples_per_prompt`` divides the
+    samples per device).
+    """
+    per_device, group = config.sample.samples_per_device, config.sample.samples_per_prompt
     total = per_device * accelerator.num_processes
     generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 0, PROMPT_STREAM))
-    everything = source.draw(total, generator)
+    everything = [prompt for prompt in source.draw(total // group, generator) for _ in range(group)]
     start = accelerator.process_index * per_device
     indices = range(start, start + per_device)
     return [everything[i] for i in indices], [sample_seed(config.seed, epoch, i) for i in indices]

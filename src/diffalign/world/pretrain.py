@@ -9,7 +9,7 @@ is a pure function of ``(seed, k)``, see :func:`_examples`):
    way) and the deterministic detector is run on reconstructions of held-out scenes: the latents must keep
    every colour, shape, size and position readable.
 2. **UNet + text encoder**, trained jointly from scratch on the frozen VAE's latents with the standard
-   denoising loss for the scheduler's prediction type (v-prediction by default; Salimans & Ho 2022), t uniform
+   denoising loss for the scheduler's prediction type (x0, ``"sample"``, for the shipped model; ε and v work too), t uniform
    over the 1000 training steps, and each caption replaced by ``""`` with probability ``caption_dropout`` so
    the model also learns the unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
    An exponential moving average of the weights (as in DDPM) is what gets saved.
@@ -64,7 +64,7 @@ class PretrainConfig:
     """Seed of the initial weights and of every batch, noise and dropout draw."""
     num_threads: int = 2
     """torch CPU threads (the weights are bit-reproducible for a fixed seed and thread count)."""
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     """Optimizer steps of stage 1 (the VAE)."""
     vae_batch_size: int = 32
     """Scenes per VAE step."""
@@ -88,7 +88,7 @@ class PretrainConfig:
     """Write a grid of samples to <output_dir>/samples/ every this many stage-2 steps (0: only at the end)."""
     eval_samples_per_family: int = 100
     """Captions per family and split in the final evaluation (eval.json); 0 skips it."""
-    eval_guidance_scale: float = 5.0
+    eval_guidance_scale: float = 3.0
     """Classifier-free guidance scale of the final evaluation and the sample grids."""
     vae_check_samples: int = 256
     """Scenes per split (at least 64) whose VAE reconstructions the detector must read (in eval.json); the
