@@ -38,7 +38,7 @@ def _comparison(summary: dict) -> str:
 
 
 def write_report(run_dir: Path, title: str, summary: dict, records: list[dict]) -> Path:
-    """Writes ``run_dir/report.html`` with the summary, before/after grids, curves and the metrics table."""
+    """Writes ``run_dir/report.html`` with the summary, curves, before/after grids and the metrics table."""
     run_dir = Path(run_dir)
     images = []
     for name, caption in [("samples/before.png", "Before training (base model)"),
@@ -66,8 +66,8 @@ pre {{ background: #f6f6f6; padding: 1em; font-size: 12px; overflow: auto; max-h
 <h1>{html.escape(title)}</h1>
 {_comparison(summary)}
 <h2>Run</h2>{_table({k: v for k, v in summary.items() if k not in ("base", "final")})}
-<h2>Samples</h2>{''.join(images) or '<p>No sample grids.</p>'}
 <h2>Curves</h2>{plot_html or '<p>No plots.</p>'}
+<h2>Samples</h2>{''.join(images) or '<p>No sample grids.</p>'}
 <h2>Metrics per epoch</h2><div style="overflow:auto"><table><tr>{head}</tr>{body}</table></div>
 <h2>Resolved config</h2><pre>{html.escape(json.dumps(json.loads(config), indent=2))}</pre>
 </body></html>

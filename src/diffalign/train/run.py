@@ -17,6 +17,9 @@ import torch
 from diffalign.evaluate.plots import image_grid, plot_curves
 from diffalign.evaluate.report import write_report
 
+#: Samples drawn in the before/after grids (4 rows of 8).
+GRID_SAMPLES = 32
+
 
 class RunFolder:
     """Writes one run's files; only the main process should hold one."""
@@ -51,8 +54,9 @@ class RunFolder:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def save_samples(self, epoch: int, images: torch.Tensor, captions: list[str]) -> Path:
+        """A grid of the first :data:`GRID_SAMPLES` evaluation samples (all of them are scored, not all drawn)."""
         path = self.path / "samples" / f"epoch_{epoch:04d}.png"
-        image_grid(images, captions).save(path)
+        image_grid(images[:GRID_SAMPLES], captions[:GRID_SAMPLES]).save(path)
         return path
 
     def finish(self, summary: dict, title: str) -> None:
