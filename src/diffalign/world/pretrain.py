@@ -9,9 +9,10 @@ is a pure function of ``(seed, k)``, see :func:`_examples`):
    way) and the deterministic detector is run on reconstructions of held-out scenes: the latents must keep
    every colour, shape, size and position readable.
 2. **UNet + text encoder**, trained jointly from scratch on the frozen VAE's latents with the standard
-   denoising loss for the scheduler's prediction type (x0, ``"sample"``, for the shipped model; ε and v work too), t uniform
-   over the 1000 training steps, and each caption replaced by ``""`` with probability ``caption_dropout`` so
-   the model also learns the unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
+   denoising loss for the scheduler's prediction type (x0, ``"sample"``, for the shipped model; ε and v work
+   too), t uniform over the 1000 training steps, and each caption replaced by ``""`` with probability
+   ``caption_dropout`` so the model also learns the unconditional score that classifier-free guidance needs
+   (Ho & Salimans 2022).
    An exponential moving average of the weights (as in DDPM) is what gets saved.
 
 The output folder is a plain Stable-Diffusion pipeline (``StableDiffusionPipeline.from_pretrained``), with
