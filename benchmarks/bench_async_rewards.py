@@ -38,6 +38,7 @@ class Args:
 def main(args: Args) -> dict:
     from accelerate import Accelerator
 
+    from diffalign.algorithms import build
     from diffalign.config import preset, replace
     from diffalign.rewards.jpeg import JpegCompressibility
     from diffalign.train.loop import build_policy, collect
@@ -54,15 +55,16 @@ def main(args: Args) -> dict:
                                              "sample.batch_size_per_device": args.batch_size,
                                              "sample.num_batches_per_epoch": args.batches})
     policy = build_policy(config, Accelerator())
+    algorithm = build(config.method, config.sample.settings())
     reward = RemoteJpeg()
     prompts = ["a cat"] * (args.batches * args.batch_size)
     seeds = list(range(len(prompts)))
-    collect(config, policy, reward, prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up
+    collect(config, algorithm, policy, reward, prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up
     results = {}
     with ThreadPoolExecutor(max_workers=1) as executor:
         for name, pool in [("inline", None), ("async", executor), ("inline_again", None)]:
             start = time.perf_counter()
-            rollout, _, _ = collect(config, policy, reward, prompts, seeds, pool)
+            rollout, _, _ = collect(config, algorithm, policy, reward, prompts, seeds, pool)
             results[name] = time.perf_counter() - start
             results.setdefault("rewards", rollout.rewards.tolist())
     inline = (results["inline"] + results["inline_again"]) / 2

@@ -50,27 +50,26 @@ def _peak_rss_mb() -> float:
 def main(args: Args) -> dict:
     from accelerate import Accelerator
 
-    from diffalign.algorithms.ddpo import DDPO
-    from diffalign.config import preset, replace
-    from diffalign.train.loop import build_policy, collect, compute_advantages, train_epoch
     from diffalign import prompts, rewards
-    from diffalign.train.stats import PerPromptStatTracker
+    from diffalign.algorithms import build
+    from diffalign.algorithms.base import trained_steps
+    from diffalign.config import preset, replace
+    from diffalign.train.loop import build_policy, collect, compute_targets, train_epoch
 
     torch.set_num_threads(args.threads)
     prompt_source = "shapes" if args.model == "shapes" else "simple_animals"
-    config = replace(preset("ddpo-tiny"), reward=args.reward, prompts=prompt_source,
-                     **{"model.name": args.model, "sample.num_inference_steps": args.steps,
+    config = replace(preset("ddpo-tiny"), prompts=prompt_source,
+                     **{"reward.name": args.reward, "method.advantages.min_count": 16, "model.name": args.model, "sample.num_inference_steps": args.steps,
                         "sample.batch_size_per_device": args.sample_batch,
                         "sample.num_batches_per_epoch": args.samples // args.sample_batch,
                         "train.batch_size_per_device": args.train_batch, "train.gradient_accumulation_steps": 1})
     config.check()
-    accelerator = Accelerator(gradient_accumulation_steps=config.num_train_timesteps)
+    accelerator = Accelerator()
     policy = build_policy(config, accelerator)
-    reward = rewards.get(config.reward)
+    reward = rewards.get(config.reward.name)
     optimizer = torch.optim.AdamW([p for p in policy.unet.parameters() if p.requires_grad], lr=1e-4)
     policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    tracker = PerPromptStatTracker(16, 16)
-    algorithm = DDPO(config.ddpo)
+    algorithm = build(config.method, config.sample.settings())
     source = prompts.get(config.prompts)
 
     timings = []
@@ -78,16 +77,16 @@ def main(args: Args) -> dict:
         prompt_list = source.draw(args.samples, torch.Generator().manual_seed(epoch))
         seeds = list(range(epoch * args.samples, (epoch + 1) * args.samples))
         start = time.perf_counter()
-        rollout, split, _ = collect(config, policy, reward, prompt_list, seeds)
-        advantages, _ = compute_advantages(config, rollout, tracker, accelerator)
+        rollout, split, _ = collect(config, algorithm, policy, reward, prompt_list, seeds)
+        targets, _ = compute_targets(algorithm, rollout, accelerator)
         start_train = time.perf_counter()
-        train_epoch(config, algorithm, policy, optimizer, rollout, advantages, accelerator, epoch)
+        train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator, epoch)
         end = time.perf_counter()
         timings.append({"epoch_s": end - start, "sample_s": split["time/sample_s"],
                         "reward_wait_s": split["time/reward_wait_s"], "train_s": end - start_train})
     measured = timings[-1]
 
-    floor = _floor(policy, config, args, rollout)
+    floor = _floor(policy, trained_steps(args.steps, config.method.timestep_fraction), args, rollout)
     result = {
         "model": args.model, "samples": args.samples, "steps": args.steps, "cfg": True, "lora_rank": 4,
         "threads": args.threads,
@@ -102,14 +101,14 @@ def main(args: Args) -> dict:
     return result
 
 
-def _floor(policy, config, args: Args, rollout) -> dict:
+def _floor(policy, trained_per_sample: int, args: Args, rollout) -> dict:
     """Times the epoch's denoiser passes alone: forwards at the sampling shape, fwd+bwd at the training shape."""
     unet = policy.unet
     shape = policy.latent_shape
     emb = rollout.prompt_embeds[:1]
     sample_batches = args.samples // args.sample_batch
     sample_forwards = sample_batches * args.steps
-    train_passes = (args.samples // args.train_batch) * config.num_train_timesteps
+    train_passes = (args.samples // args.train_batch) * trained_per_sample
     x = torch.randn(2 * args.sample_batch, *shape)
     t = torch.full((2 * args.sample_batch,), 500)
     e = emb.expand(2 * args.sample_batch, -1, -1)

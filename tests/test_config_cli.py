@@ -25,16 +25,16 @@ def test_reference_presets_run_with_the_tiny_model(name, tmp_path):
     """DDPO's reference experiments, unchanged but for the model and the sizes a CPU can run."""
     config = preset(name)
     assert config.model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert config.sample.num_inference_steps == 50 and config.ddpo.clip_range == 1e-4
+    assert config.sample.num_inference_steps == 50 and config.method.clip_range == 1e-4
     kwargs = {}
-    if config.reward == "aesthetic":  # the real LAION head on a tiny random CLIP of the same class
+    if config.reward.name == "aesthetic":  # the real LAION head on a tiny random CLIP of the same class
         head = LAION_DIR / "sac+logos+ava1-l14-linearMSE.pth"
         if not head.is_file():
             pytest.skip(f"LAION aesthetic head not found at {head} (set DIFFALIGN_LAION_AESTHETIC_DIR)")
         build_tiny_clip(768).save_pretrained(tmp_path / "clip")
         kwargs = {"head": str(head), "clip_model": str(tmp_path / "clip")}
-    small = replace(config, run_dir=str(tmp_path / "run"), epochs=1, log_with="none", reward_kwargs=kwargs,
-                    **{"model.name": "tiny", "model.mixed_precision": "no", "sample.num_inference_steps": 3,
+    small = replace(config, run_dir=str(tmp_path / "run"), epochs=1, log_with="none",
+                    **{"reward.kwargs": kwargs, "model.name": "tiny", "model.mixed_precision": "no", "sample.num_inference_steps": 3,
                        "sample.batch_size_per_device": 2, "sample.num_batches_per_epoch": 1,
                        "train.batch_size_per_device": 1, "train.gradient_accumulation_steps": 2})
     run = train(small).run_dir
@@ -50,12 +50,12 @@ def test_invalid_settings_name_field_value_and_rule():
     assert "sample.eta must be > 0" in _errors(**{"sample.eta": 0.0})
     assert "train.batch_size_per_device (3) must divide" in _errors(**{"train.batch_size_per_device": 3})
     assert "gradient_accumulation_steps (3) must divide" in _errors(**{"train.gradient_accumulation_steps": 3})
-    assert "reward 'aesthetics' is not registered" in _errors(reward="aesthetics")
+    assert "reward 'aesthetics' is not registered" in _errors(**{"reward.name": "aesthetics"})
     assert "unknown prompt source 'animals'" in _errors(prompts="animals")
     assert "model.name" in _errors(**{"model.name": "./no/such/model"})
-    assert "timestep_fraction must be in (0, 1], got 1.5" in _errors(**{"train.timestep_fraction": 1.5})
-    assert "timestep_fraction must be in (0, 1], got 0.0" in _errors(**{"train.timestep_fraction": 0.0})
-    errors = replace(preset("ddpo-tiny"), reward="x", prompts="y").validate()
+    assert "timestep_fraction must be in (0, 1], got 1.5" in _errors(**{"method.timestep_fraction": 1.5})
+    assert "timestep_fraction must be in (0, 1], got 0.0" in _errors(**{"method.timestep_fraction": 0.0})
+    errors = replace(preset("ddpo-tiny"), prompts="y", **{"reward.name": "x"}).validate()
     assert len(errors) == 2  # every problem at once
 
 
@@ -86,7 +86,7 @@ def test_help_documents_every_field(capsys):
 
 def test_config_defaults_are_ddpos():
     c = Config()
-    assert (c.sample.eta, c.sample.guidance_scale, c.train.learning_rate, c.ddpo.adv_clip_max) == (1.0, 5.0, 3e-4, 5)
+    assert (c.sample.eta, c.sample.guidance_scale, c.train.learning_rate, c.method.adv_clip_max) == (1.0, 5.0, 3e-4, 5)
 
 
 def test_sample_command_writes_a_grid(tmp_path):

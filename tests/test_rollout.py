@@ -1,7 +1,13 @@
+import dataclasses
+
+import pytest
 import torch
 
 from diffalign.models import add_lora
-from diffalign.rollout import Rollout, StepSettings, sample, sample_seed, transition_log_prob, transitions
+from diffalign.rollout import (
+    Rollout, StepSettings, denoise_step, encode, kl_to_reference, sample, sample_batched, sample_seed,
+    transition_log_prob, transitions,
+)
 
 SETTINGS = StepSettings(num_inference_steps=6, guidance_scale=4.0, eta=1.0)
 
@@ -72,3 +78,79 @@ def test_index_and_cat_round_trip(tiny_policy):
 def test_sample_seed_is_stable_and_distinct():
     assert sample_seed(42, 3, 5) == sample_seed(42, 3, 5)
     assert len({sample_seed(42, e, i) for e in range(5) for i in range(50)}) == 250
+
+
+def test_shared_x_T_with_different_step_noise(tiny_policy):
+    """SDPO's pairs: one x_T, step noise from each sample's own stream."""
+    from diffalign.rollout import initial_noise
+
+    seeds = [sample_seed(3, 0, 0), sample_seed(3, 0, 1)]
+    x_T = initial_noise(seeds[:1], tiny_policy.latent_shape).expand(2, -1, -1, -1)
+    pair = sample(tiny_policy, ["a cat", "a cat"], seeds, SETTINGS, x_T=x_T)
+    assert torch.equal(pair.latents[0, 0], pair.latents[1, 0])
+    assert (pair.latents[0, 1] - pair.latents[1, 1]).abs().max() > 0.1  # the first step's noise differs
+    # sample 1's steps are its own: regenerated alone from the same x_T it is the same trajectory
+    alone = sample(tiny_policy, ["a cat"], seeds[1:], SETTINGS, x_T=x_T[:1])
+    torch.testing.assert_close(alone.latents[0], pair.latents[1], rtol=0, atol=2e-4)
+    with pytest.raises(ValueError, match="x_T must have shape"):
+        sample(tiny_policy, ["a cat"], seeds[:1], SETTINGS, x_T=x_T)
+
+
+def test_deterministic_sampling_stores_no_log_probs(tiny_policy):
+    r = sample(tiny_policy, ["a cat"], [1], StepSettings(num_inference_steps=3, guidance_scale=1.0, eta=0.0))
+    assert r.log_probs is None and r.negative_embeds is None and r.latents.shape[1] == 4
+
+
+def test_rollout_is_frozen_and_rewards_make_a_new_one(tiny_policy):
+    r = sample(tiny_policy, ["a cat", "a dog"], [1, 2], SETTINGS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.rewards = torch.ones(2)
+    scored = r.with_rewards(torch.tensor([0.5, 1.0]))
+    assert r.rewards is None and scored.rewards.tolist() == [0.5, 1.0] and scored.latents is r.latents
+    with pytest.raises(ValueError, match="rewards must have shape"):
+        r.with_rewards(torch.ones(3))
+
+
+def test_denoise_step_draws_and_scores_the_same_transition(tiny_policy):
+    """The public step: drawing x_{t-1} from noise, then scoring it, gives the drawn step's log-prob and mean."""
+    conditioning = encode(tiny_policy, ["a cat", "a dog"], SETTINGS)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *tiny_policy.latent_shape, generator=g)
+    t = torch.tensor([801, 401])
+    with torch.no_grad():
+        drawn = denoise_step(tiny_policy, x, t, conditioning, SETTINGS, noise=torch.randn(x.shape, generator=g))
+        scored = denoise_step(tiny_policy, x, t, conditioning, SETTINGS, prev_sample=drawn.prev_sample)
+    torch.testing.assert_close(scored.log_prob, drawn.log_prob)
+    torch.testing.assert_close(scored.mean, drawn.mean)
+    assert drawn.log_prob.shape == (2,)
+
+
+def test_sample_batched_equals_one_batch(tiny_policy):
+    prompts, seeds = ["a cat", "a dog", "a fish"], [4, 5, 6]
+    whole = sample(tiny_policy, prompts, seeds, SETTINGS)
+    parts = sample_batched(tiny_policy, prompts, seeds, SETTINGS, batch_size=2)
+    assert parts.prompts == prompts and torch.equal(parts.seeds, whole.seeds)
+    torch.testing.assert_close(parts.latents, whole.latents, rtol=0, atol=2e-4)
+
+
+def test_kl_to_base_is_zero_without_training_and_the_closed_form_after(tiny_policy):
+    """KL(π_θ ‖ π_base) per step = ‖μ_θ − μ_base‖² / 2σ² (mean over pixels), μ_base from the UNet with LoRA off."""
+    add_lora(tiny_policy.unet, rank=4, alpha=4.0)
+    r = sample(tiny_policy, ["a cat", "a dog"], [1, 2], SETTINGS)
+    batch = transitions(r, torch.tensor([0, 1]), torch.tensor([0, 3]), torch.zeros(2))
+    step = transition_log_prob(tiny_policy, batch, SETTINGS)
+    assert kl_to_reference(tiny_policy, batch, step, SETTINGS).abs().max().item() == 0.0  # LoRA B starts at zero
+    with torch.no_grad():
+        for name, p in tiny_policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    step = transition_log_prob(tiny_policy, batch, SETTINGS)
+    kl = kl_to_reference(tiny_policy, batch, step, SETTINGS)
+    with torch.no_grad(), tiny_policy.reference():
+        base = transition_log_prob(tiny_policy, batch, SETTINGS)
+    by_hand = ((step.mean - base.mean) ** 2 / (2 * step.std**2)).mean(dim=(1, 2, 3))
+    assert by_hand.min() > 0
+    torch.testing.assert_close(kl, by_hand)
+    kl.sum().backward()  # the gradient reaches the LoRA through μ_θ
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in tiny_policy.unet.named_parameters()
+               if "lora_" in n)

@@ -1,7 +1,10 @@
 """Typed run configuration and presets. Every field's docstring becomes its ``--help`` line (tyro).
 
-Sizes are per device (``*_per_device``); a preset never names a hardware count. :meth:`Config.validate`
-gathers every error at once, naming the field, the value and what is allowed.
+A run's config is composed of reusable pieces — model, sampling, reward (+ gold), evaluation, optimizer — that
+``sample`` and the other commands share, and the method's own config (``method``, a dataclass declared in the
+method's file). Sizes are per device (``*_per_device``); a preset never names a hardware count. Every config has
+one contract: ``validate() -> list[str]`` gathers every error at once, naming the field, the value and what is
+allowed, and ``check()`` raises with all of them.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
+from diffalign.algorithms import ALGORITHMS, MethodConfig, algorithm_name
+from diffalign.algorithms.advantages import AdvantageConfig
 from diffalign.algorithms.ddpo import DDPOConfig
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.rollout import StepSettings
@@ -35,38 +40,59 @@ class ModelConfig:
 
 
 @dataclass
-class SampleConfig:
+class SamplerConfig:
+    """How one trajectory is sampled: steps, stochasticity, guidance, log-prob reduction (shared by every command)."""
+
     num_inference_steps: int = 50
     """DDIM steps per trajectory."""
     eta: float = 1.0
-    """DDIM stochasticity η (1 = DDPM posterior variance). Policy-gradient methods need η > 0."""
+    """DDIM stochasticity η (1 = DDPM posterior variance, 0 = deterministic). Policy-gradient methods need η > 0."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale w (1 = no guidance)."""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """How per-step log-probs are reduced over pixels: mean (DDPO; keeps ratios sane) or sum (exact density)."""
+
+    def settings(self) -> StepSettings:
+        return StepSettings(self.num_inference_steps, self.guidance_scale, self.eta, self.logprob_reduction)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.num_inference_steps < 1:
+            errors.append(f"sample.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            errors.append(f"sample.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.eta < 0:
+            errors.append(f"sample.eta must be >= 0, got {self.eta}")
+        return errors
+
+
+@dataclass
+class SampleConfig(SamplerConfig):
+    """The sampler and how many trajectories an epoch of training draws."""
+
     batch_size_per_device: int = 1
     """Trajectories sampled per device per sampling batch."""
     num_batches_per_epoch: int = 2
     """Sampling batches per device per epoch."""
     samples_per_prompt: int = 1
     """Samples of each drawn prompt per epoch, next to each other (1: every sample draws its own prompt, as DDPO).
-    With k > 1 and train.stat_min_count <= k, each prompt's advantages are normalised within its own group at
-    once, so prompt difficulty no longer masquerades as sample quality. Must divide the samples per device."""
-    logprob_reduction: Literal["mean", "sum"] = "mean"
-    """How per-step log-probs are reduced over pixels: mean (DDPO; keeps ratios sane) or sum (exact density)."""
+    With k > 1 and a stat tracker whose min_count <= k, each prompt's advantages are normalised within its own
+    group at once, so prompt difficulty no longer masquerades as sample quality. Must divide the samples per
+    device."""
 
     @property
     def samples_per_device(self) -> int:
         return self.batch_size_per_device * self.num_batches_per_epoch
 
-    def settings(self) -> StepSettings:
-        return StepSettings(self.num_inference_steps, self.guidance_scale, self.eta, self.logprob_reduction)
-
 
 @dataclass
 class TrainConfig:
+    """The optimizer and how a method's micro-batches are sized (the method decides what a micro-batch holds)."""
+
     batch_size_per_device: int = 1
-    """Trajectories per training minibatch per device."""
+    """Trajectories per training micro-batch per device."""
     gradient_accumulation_steps: int = 1
-    """Minibatches per optimizer step (each minibatch contributes all its trained timesteps)."""
+    """Micro-batches of trajectories per optimizer step (a method may split each further, e.g. DDPO by step)."""
     learning_rate: float = 3e-4
     """AdamW learning rate."""
     adam_beta1: float = 0.9
@@ -79,45 +105,86 @@ class TrainConfig:
     """AdamW ε."""
     max_grad_norm: float = 1.0
     """Gradient norm clipping threshold."""
-    num_inner_epochs: int = 1
-    """Passes over each epoch's samples."""
-    cfg: bool = True
-    """Use classifier-free guidance when re-scoring transitions (as when sampling)."""
-    timestep_fraction: float = 1.0
-    """Fraction of each trajectory's steps trained on (a random subset per sample), in (0, 1]."""
-    per_prompt_stat_tracking: bool = True
-    """Normalise rewards per prompt (else over the whole gathered batch)."""
-    stat_buffer_size: int = 16
-    """Rewards kept per prompt by the stat tracker."""
-    stat_min_count: int = 16
-    """Below this many buffered rewards a prompt uses the whole batch's statistics."""
 
 
 @dataclass
-class Config:
-    preset: str = "custom"
-    """Name of the preset this config started from (informational)."""
-    algorithm: Literal["ddpo"] = "ddpo"
-    """The training method."""
-    reward: str = "jpeg_compressibility"
+class RewardConfig:
+    """The reward a run trains on and, optionally, a gold reward it is judged by."""
+
+    name: str = "jpeg_compressibility"
     """Registered reward name (see `diffalign.rewards.names()`)."""
-    reward_kwargs: dict[str, str] = field(default_factory=dict)
-    """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward-kwargs key value`)."""
-    gold_reward: str | None = None
+    kwargs: dict[str, str] = field(default_factory=dict)
+    """Keyword arguments of the reward's constructor, e.g. local weight paths (`--reward.kwargs key value`); values
+    are converted to the types the reward declares."""
+    gold: str | None = None
     """A second registered reward the run is judged by but not trained on (reward-hacking curves): logged per
     epoch as reward/gold_mean on the training samples and in every evaluation."""
-    gold_reward_kwargs: dict[str, str] = field(default_factory=dict)
+    gold_kwargs: dict[str, str] = field(default_factory=dict)
     """Keyword arguments of the gold reward's constructor."""
-    async_rewards: bool = True
+    async_scoring: bool = True
     """Score each sampling batch in a worker thread while the next batch samples."""
+
+    def validate(self) -> list[str]:
+        from diffalign import rewards
+
+        errors = []
+        for label, name in [("reward.name", self.name), ("reward.gold", self.gold)]:
+            if name is not None and name not in rewards.names():
+                errors.append(f"{label}: reward {name!r} is not registered; choose one of {', '.join(rewards.names())}")
+        return errors
+
+    def build(self, device) -> tuple:
+        """(trained-on reward, gold reward or None) on ``device``."""
+        from diffalign import rewards
+
+        reward = rewards.get(self.name, device=device, **self.kwargs)
+        gold = rewards.get(self.gold, device=device, **self.gold_kwargs) if self.gold else None
+        return reward, gold
+
+
+@dataclass
+class EvalConfig:
+    """Fixed prompts and seeds a run is evaluated on before, during and after training."""
+
+    prompts: str | None = None
+    """Held-out prompt source (e.g. shapes_heldout) evaluated besides the training prompts."""
+    samples: int = 16
+    """Samples per evaluation split (fixed prompts and seeds, the same at every evaluation)."""
+    freq: int = 0
+    """Evaluate every this many epochs besides before and after training (0: only before and after)."""
+    diversity_prompts: int = 0
+    """Training prompts of an extra set sampled diversity_samples times each, reported as diversity (0: none)."""
+    diversity_samples: int = 4
+    """Samples per prompt of the diversity set."""
+
+    def validate(self) -> list[str]:
+        from diffalign import prompts
+
+        errors = [f"eval.{name} must be >= {low}, got {value}"
+                  for name, value, low in [("samples", self.samples, 1), ("freq", self.freq, 0),
+                                           ("diversity_prompts", self.diversity_prompts, 0),
+                                           ("diversity_samples", self.diversity_samples, 2)] if value < low]
+        if self.prompts is not None:
+            try:
+                prompts.check(self.prompts)
+            except ValueError as error:
+                errors.append(f"eval.prompts: {error}")
+        return errors
+
+
+M = TypeVar("M", bound=MethodConfig)
+
+
+@dataclass
+class Config(Generic[M]):
+    """One training run: the method (its own config) on a model, sampler, reward, evaluation and optimizer."""
+
+    method: M = field(default_factory=DDPOConfig)
+    """The training method's settings (choose the method with --algorithm)."""
+    preset: str = "custom"
+    """Name of the preset this config started from (informational)."""
     prompts: str = "imagenet_animals"
     """Registered prompt source or a path to a text file with one prompt per line."""
-    eval_prompts: str | None = None
-    """Held-out prompt source evaluated before, during and after training (e.g. shapes_heldout)."""
-    eval_samples: int = 16
-    """Samples per evaluation split (fixed prompts and seeds, the same at every evaluation)."""
-    eval_freq: int = 0
-    """Evaluate every this many epochs besides before and after training (0: only before and after)."""
     epochs: int = 100
     """Number of epochs (sample → reward → train) to run in total, including resumed ones."""
     seed: int = 42
@@ -132,38 +199,35 @@ class Config:
     """Experiment tracker (through accelerate), besides metrics.jsonl."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
 
     @property
-    def num_train_timesteps(self) -> int:
-        """Timesteps trained per trajectory: int(num_inference_steps × timestep_fraction)."""
-        return max(1, int(self.sample.num_inference_steps * self.train.timestep_fraction))
+    def algorithm(self) -> str:
+        """The registered name of the method (from the type of ``method``)."""
+        return algorithm_name(self.method)
+
+    def to_dict(self) -> dict:
+        """The resolved config as JSON-able data, with the method's name."""
+        return {"algorithm": self.algorithm, **dataclasses.asdict(self)}
 
     def validate(self) -> list[str]:
         """Every problem with this config, each naming the field, the value and what is allowed."""
-        from diffalign import prompts, rewards
+        from diffalign import prompts
         from diffalign.models import resolve_model
 
         s, t, errors = self.sample, self.train, []
-        for name, value in [("sample.num_inference_steps", s.num_inference_steps),
-                            ("sample.batch_size_per_device", s.batch_size_per_device),
+        for name, value in [("sample.batch_size_per_device", s.batch_size_per_device),
                             ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
                             ("train.batch_size_per_device", t.batch_size_per_device),
                             ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                            ("train.num_inner_epochs", t.num_inner_epochs), ("epochs", self.epochs),
-                            ("save_freq", self.save_freq), ("model.lora_rank", self.model.lora_rank),
-                            ("eval_samples", self.eval_samples),
+                            ("epochs", self.epochs), ("save_freq", self.save_freq),
+                            ("model.lora_rank", self.model.lora_rank),
                             ("sample.samples_per_prompt", s.samples_per_prompt)]:
             if value < 1:
                 errors.append(f"{name} must be >= 1, got {value}")
-        if self.algorithm in ("ddpo",) and s.eta <= 0:
-            errors.append(f"sample.eta must be > 0 for {self.algorithm} (its log-probs need a stochastic sampler), "
-                          f"got {s.eta}")
-        if s.guidance_scale < 0:
-            errors.append(f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
-        if not 0 < t.timestep_fraction <= 1:
-            errors.append(f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+        errors += s.validate()
         if s.samples_per_prompt >= 1 and s.samples_per_device % s.samples_per_prompt:
             errors.append(f"sample.samples_per_prompt ({s.samples_per_prompt}) must divide the samples per device per "
                           f"epoch (sample.batch_size_per_device × sample.num_batches_per_epoch = "
@@ -178,20 +242,13 @@ class Config:
                 errors.append(
                     f"train.gradient_accumulation_steps ({t.gradient_accumulation_steps}) must divide the "
                     f"minibatches per epoch ({minibatches} = samples per device / train.batch_size_per_device)")
-        if t.stat_buffer_size < 1 or t.stat_min_count < 1:
-            errors.append(f"train.stat_buffer_size and train.stat_min_count must be >= 1, "
-                          f"got {t.stat_buffer_size} and {t.stat_min_count}")
-        errors += self.ddpo.validate()
-        for label, name in [("reward", self.reward), ("gold_reward", self.gold_reward)]:
-            if name is not None and name not in rewards.names():
-                errors.append(f"{label} {name!r} is not registered; choose one of {', '.join(rewards.names())}")
-        if self.eval_freq < 0:
-            errors.append(f"eval_freq must be >= 0 (0 = only before and after training), got {self.eval_freq}")
-        if self.eval_prompts is not None:
-            try:
-                prompts.check(self.eval_prompts)
-            except ValueError as error:
-                errors.append(f"eval_prompts: {error}")
+        try:
+            self.algorithm
+        except ValueError as error:
+            errors.append(f"method: {error}")
+        else:
+            errors += self.method.validate(s.settings())
+        errors += self.reward.validate() + self.eval.validate()
         for check, label in [(lambda: prompts.check(self.prompts), "prompts"),
                              (lambda: resolve_model(self.model.name), "model.name")]:
             try:
@@ -208,10 +265,20 @@ class Config:
         return self
 
 
+def with_algorithm(config: Config, name: str) -> Config:
+    """``config`` trained by method ``name``: its method settings become that method's defaults, unless it is
+    already that method (everything else is kept)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    if config.algorithm == name:
+        return config
+    return dataclasses.replace(config, method=ALGORITHMS[name].config_class())
+
+
 def _ddpo_reference(reward: str, prompts: str, **overrides) -> Config:
     """DDPO's 8-GPU reference experiments (ddpo-pytorch ``config/dgx.py``), per device, SD 1.5."""
     config = Config(
-        preset="", reward=reward, prompts=prompts, epochs=100, save_freq=1,
+        preset="", reward=RewardConfig(name=reward), prompts=prompts, epochs=100, save_freq=1,
         model=ModelConfig(name="stable-diffusion-v1-5/stable-diffusion-v1-5", mixed_precision="fp16"),
         sample=SampleConfig(num_inference_steps=50, eta=1.0, guidance_scale=5.0, batch_size_per_device=8,
                             num_batches_per_epoch=4),
@@ -237,23 +304,23 @@ def replace(config, **changes):
 
 def _presets() -> dict[str, Config]:
     tiny = Config(
-        reward="jpeg_compressibility", prompts="simple_animals", epochs=10, save_freq=1,
+        reward=RewardConfig(name="jpeg_compressibility"), prompts="simple_animals", epochs=10, save_freq=1,
         model=ModelConfig(name="tiny", lora_rank=4, lora_alpha=4.0),
         sample=SampleConfig(num_inference_steps=10, guidance_scale=5.0, batch_size_per_device=4,
                             num_batches_per_epoch=2),
-        train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                          stat_min_count=4),
+        train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=1, learning_rate=1e-3),
+        method=DDPOConfig(advantages=AdvantageConfig(min_count=4)),
     )
     # The demo (`make demo`): about 8 min on 2 CPU cores. Each epoch draws 4 train captions × 8 samples, so every
     # caption's advantages are normalised within its own group; one optimizer step per epoch over half the steps.
     shapes = Config(
-        reward="shapes", prompts="shapes", eval_prompts="shapes_heldout", eval_samples=192, eval_freq=30, epochs=90,
-        save_freq=30,
+        reward=RewardConfig(name="shapes"), prompts="shapes", epochs=90, save_freq=30,
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30),
         model=ModelConfig(name="shapes", lora_rank=8, lora_alpha=8.0),
         sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=32,
                             num_batches_per_epoch=1, samples_per_prompt=8),
-        train=TrainConfig(batch_size_per_device=32, gradient_accumulation_steps=1, learning_rate=2e-3,
-                          timestep_fraction=0.5, stat_min_count=8),
+        train=TrainConfig(batch_size_per_device=32, gradient_accumulation_steps=1, learning_rate=2e-3),
+        method=DDPOConfig(timestep_fraction=0.5, advantages=AdvantageConfig(min_count=8)),
     )
     presets = {
         "ddpo-tiny": tiny,
@@ -262,7 +329,7 @@ def _presets() -> dict[str, Config]:
         "ddpo-sd15-incompressibility": _ddpo_reference("jpeg_incompressibility", "imagenet_animals"),
         "ddpo-sd15-aesthetic": _ddpo_reference(
             "aesthetic", "simple_animals", epochs=200, **{"train.gradient_accumulation_steps": 4,
-                                                          "train.stat_buffer_size": 32}),
+                                                          "method.advantages.buffer_size": 32}),
     }
     return {name: dataclasses.replace(config, preset=name) for name, config in presets.items()}
 

@@ -81,3 +81,29 @@ def test_registered_reward_contract(name, request):
         assert images.grad is not None and torch.isfinite(images.grad).all()
     else:
         assert not values.requires_grad
+
+
+def test_string_keyword_arguments_take_the_declared_types():
+    from diffalign import rewards
+
+    assert rewards.get("shapes", relation_margin_px="3.5").relation_margin_px == 3.5
+    with pytest.raises(ValueError, match="relation_margin_px"):
+        rewards.get("shapes", relation_margin_px="wide")
+    with pytest.raises(ValueError, match="takes no keyword 'margin'.*relation_margin_px"):
+        rewards.get("shapes", margin="3")
+
+
+def test_output_carries_components_and_the_strict_flag():
+    from diffalign import rewards
+    from diffalign.world import render_tensor, sample_example
+
+    caption, scene = sample_example(0, split="train")
+    images = render_tensor(scene).unsqueeze(0)
+    shapes = rewards.get("shapes").output(images, [caption])
+    assert shapes.scores.tolist() == [1.0] and shapes.strict.tolist() == [True] and shapes.components == {}
+    plain = rewards.get("brightness").output(images, [caption])
+    assert plain.strict is None and plain.scores.tolist() == rewards.get("brightness")(images, [caption]).tolist()
+    both = rewards.get("composite", weights="shapes=1, brightness=0.5").output(images, [caption])
+    assert set(both.components) == {"shapes", "brightness"}
+    expected = both.components["shapes"] + 0.5 * both.components["brightness"]
+    assert both.scores.tolist() == pytest.approx(expected.tolist())

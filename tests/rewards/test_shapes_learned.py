@@ -17,11 +17,11 @@ from diffalign.rewards.shapes_learned import (
     encode_caption,
 )
 from diffalign.world.captions import parse_caption
-from diffalign.world.reward_training import RewardTrainingConfig, make_examples, mirror_caption, train_reward_model
+from diffalign.train.reward_training import RewardTrainingConfig, make_examples, mirror_caption, train_reward_model
 
 # Thresholds for test_agrees_with_the_verifiable_reward. Measured with the shipped weights on the 64 pairs below:
 # Pearson 0.857, MAE 0.112, (learned > 0.9) == strict on 0.89, (learned > 0.5) == strict on 0.80 (other seeds:
-# Pearson 0.90-0.96); the 1000-pair figures are in world/assets/shapes-reward-eval.json.
+# Pearson 0.90-0.96); the 1000-pair figures are in rewards/assets/shapes-reward-eval.json.
 MIN_PEARSON = 0.80
 MAX_MAE = 0.15
 MIN_STRICT_AGREEMENT = 0.80  # learned > 0.9 vs all constraints met

@@ -15,8 +15,8 @@ def _tiny(tmp_path, name, **changes):
     config = replace(preset("ddpo-tiny"), run_dir=str(tmp_path / name), log_with="tensorboard", save_freq=1,
                      **{"sample.num_inference_steps": 4, "sample.batch_size_per_device": 2,
                         "sample.num_batches_per_epoch": 2, "train.batch_size_per_device": 2,
-                        "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5,
-                        "train.stat_min_count": 2, "reward": "brightness"})
+                        "train.gradient_accumulation_steps": 2, "method.timestep_fraction": 0.5,
+                        "method.advantages.min_count": 2, "reward.name": "brightness"})
     return replace(config, **changes)
 
 
@@ -41,7 +41,7 @@ def test_run_folder_has_everything(full_run):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) >= {"base", "final"} and summary["epochs"] == 3
     state = json.loads((run / "checkpoints/3/trainer_state.json").read_text())
-    assert state["epochs_done"] == 3 and sum(len(v) for v in state["stat_tracker"]["buffers"].values()) == 12
+    assert state["epochs_done"] == 3 and sum(len(v) for v in state["algorithm"]["stat_tracker"]["buffers"].values()) == 12
     assert json.loads((run / "config.json").read_text())["sample"]["num_inference_steps"] == 4
 
 
@@ -88,9 +88,10 @@ def test_exported_lora_reproduces_the_trained_policy(full_run):
 
 
 def test_composite_members_and_gold_reward_are_logged(tmp_path):
-    config = _tiny(tmp_path, "gold", epochs=1, reward="composite", eval_prompts="nouns_activities", eval_samples=4,
-                   reward_kwargs={"weights": "brightness=1, jpeg_compressibility=0.1"},
-                   gold_reward="jpeg_incompressibility")
+    config = _tiny(tmp_path, "gold", epochs=1, **{"reward.name": "composite", "eval.prompts": "nouns_activities",
+                                                  "eval.samples": 4,
+                                                  "reward.kwargs": {"weights": "brightness=1, jpeg_compressibility=0.1"},
+                                                  "reward.gold": "jpeg_incompressibility"})
     run = train(config).run_dir
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     members = record["reward/components/brightness"] + 0.1 * record["reward/components/jpeg_compressibility"]

@@ -1,0 +1,25 @@
+"""Training methods, one file each, on the protocol of :mod:`diffalign.algorithms.base`.
+
+``ALGORITHMS`` maps a method's name to its class; adding a method is a new file and one entry here.
+"""
+
+from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, Minibatching
+from diffalign.algorithms.ddpo import DDPO
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO,)}
+
+
+def algorithm_name(config: MethodConfig) -> str:
+    """The registered name of the method whose config ``config`` is."""
+    for name, cls in ALGORITHMS.items():
+        if type(config) is cls.config_class:
+            return name
+    raise ValueError(f"{type(config).__name__} is not the config of a registered method ({', '.join(ALGORITHMS)})")
+
+
+def build(config: MethodConfig, settings) -> Algorithm:
+    """The method for ``config``, sampling with ``settings``."""
+    return ALGORITHMS[algorithm_name(config)](config, settings)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ExtraModule", "MethodConfig", "Minibatching", "algorithm_name", "build"]

@@ -6,6 +6,10 @@ steps, with no discounting and no value function. The loss, per transition (spec
     A = clip(A, −A_max, A_max),   r = exp(log π_θ(x_{t−1}|x_t) − log π_old(x_{t−1}|x_t))
     L = mean_b max(−A r, −A clip(r, 1 − ε, 1 + ε))
 
+Minibatches follow ddpo-pytorch (:func:`~diffalign.algorithms.base.shuffled_transitions`): per inner epoch the
+samples are shuffled and each sample trains on a random subset of ``timestep_fraction`` of its steps; an optimizer
+step accumulates ``accumulation`` row-minibatches × every trained step.
+
 Differences from kvablack/ddpo-pytorch: log-probs are recomputed in fp32 (the reference uses the inference
 dtype), so the ratio is exactly 1 before the first update; ``approx_kl`` is Schulman's k3 estimator
 (r − 1) − log r, the estimator the reference's own comment recommends, next to the reference's
@@ -14,30 +18,47 @@ dtype), so the ratio is exactly 1 before the first update; ``approx_kl`` is Schu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from diffalign.algorithms.advantages import AdvantageConfig, normalise
+from diffalign.algorithms.base import Algorithm, MethodConfig, shuffled_transitions
 from diffalign.models.policy import Policy
 from diffalign.rollout import StepSettings, Transitions, transition_log_prob
 
 
 @dataclass
-class DDPOConfig:
+class DDPOConfig(MethodConfig):
     """DDPO's method settings (defaults from ddpo-pytorch ``config/base.py``)."""
 
     clip_range: float = 1e-4
     """PPO clip range ε on the per-step likelihood ratio (a per-pixel bound with mean log-probs)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [−adv_clip_max, adv_clip_max]."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on (a random subset per sample), in (0, 1]."""
+    cfg: bool = True
+    """Use classifier-free guidance when re-scoring transitions (as when sampling)."""
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
 
-    def validate(self) -> list[str]:
+    def validate(self, settings: StepSettings | None = None) -> list[str]:
         errors = []
         if self.clip_range <= 0:
-            errors.append(f"ddpo.clip_range must be > 0, got {self.clip_range}")
+            errors.append(f"method.clip_range must be > 0, got {self.clip_range}")
         if self.adv_clip_max <= 0:
-            errors.append(f"ddpo.adv_clip_max must be > 0, got {self.adv_clip_max}")
-        return errors
+            errors.append(f"method.adv_clip_max must be > 0, got {self.adv_clip_max}")
+        if self.num_inner_epochs < 1:
+            errors.append(f"method.num_inner_epochs must be >= 1, got {self.num_inner_epochs}")
+        if not 0 < self.timestep_fraction <= 1:
+            errors.append(f"method.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if settings is not None and settings.eta <= 0:
+            errors.append(f"sample.eta must be > 0 for ddpo (its log-probs need a stochastic sampler), "
+                          f"got {settings.eta}")
+        return errors + self.advantages.validate("method.advantages")
 
 
 def ppo_clip_loss(
@@ -62,19 +83,34 @@ def ppo_clip_loss(
     return loss, metrics
 
 
-class DDPO:
-    """DDPO collects plain rollouts (the loop's default) and trains with :func:`ppo_clip_loss`."""
+class DDPO(Algorithm):
+    """DDPO collects plain rollouts (the default) and trains with :func:`ppo_clip_loss`."""
 
     name = "ddpo"
+    config_class = DDPOConfig
+    config: DDPOConfig
 
-    def __init__(self, config: DDPOConfig):
-        self.config = config
+    def __init__(self, config: DDPOConfig, settings: StepSettings):
+        super().__init__(config, settings)
+        self.tracker = config.advantages.tracker()
 
-    def loss(
-        self, policy: Policy, batch: Transitions, settings: StepSettings, guidance: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The surrogate for one minibatch of transitions, re-scored under the current policy."""
-        step = transition_log_prob(policy, batch, settings, guidance)
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return normalise(rewards, prompts, self.tracker)
+
+    def minibatches(self, rollout, targets, plan, generator_for):
+        return shuffled_transitions(rollout, targets, plan, generator_for, self.config.num_inner_epochs,
+                                    self.config.timestep_fraction)
+
+    def loss(self, policy: Policy, batch: Transitions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The surrogate for one micro-batch of transitions, re-scored under the current policy."""
+        step = transition_log_prob(policy, batch, self.settings, self.config.cfg)
         return ppo_clip_loss(
             step.log_prob, batch.log_prob_old, batch.advantages, self.config.clip_range, self.config.adv_clip_max
         )
+
+    def state_dict(self) -> dict:
+        return {"stat_tracker": None if self.tracker is None else self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.tracker is not None and state.get("stat_tracker") is not None:
+            self.tracker.load_state_dict(state["stat_tracker"])

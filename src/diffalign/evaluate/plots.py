@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from diffalign.rewards.base import to_uint8
+from diffalign.images import to_uint8
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, columns: int | None = None,

@@ -1,4 +1,4 @@
-"""Models: the Policy adapter, model loading, LoRA, tiny builders and the offline CLIP tokenizer."""
+"""Models: the Policy adapter, model loading, LoRA, the tiny and ShapesWorld builders and the offline CLIP tokenizer."""
 
 from diffalign.models.loading import load_policy, resolve_model
 from diffalign.models.lora import add_lora, save_lora

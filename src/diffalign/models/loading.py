@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffalign.models.policy import Policy, Schedule
+from diffalign.models.shapes import base_model_path
 from diffalign.models.tiny import build_tiny_pipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,8 +40,6 @@ def load_policy(name: str, revision: str | None = None) -> Policy:
     if source == "tiny":
         return Policy.from_pipeline(build_tiny_pipeline())
     if source == "shapes":
-        from diffalign.world.model import base_model_path
-
         source = str(base_model_path())
     kwargs = dict(revision=revision) if revision else {}
     return Policy(

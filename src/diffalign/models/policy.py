@@ -7,13 +7,16 @@ and schedule — and never branches on the model family. Classifier-free guidanc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from diffalign.models.lora import has_lora
 from diffalign.samplers import inference_timesteps
 
 
@@ -82,7 +85,9 @@ class Policy(nn.Module):
     """A text-to-image latent diffusion model: ``unet`` (trainable, maybe with LoRA), frozen ``vae`` and
     ``text_encoder``, its ``tokenizer`` and :class:`Schedule`.
 
-    ``unet`` may be replaced by a wrapped module (DDP) with the same call signature.
+    ``unet`` may be replaced by a wrapped module (DDP) with the same call signature. The base model (what KL
+    penalties and drift are measured against) is the UNet with its LoRA disabled, or, for full fine-tuning, a
+    frozen copy made by :meth:`keep_reference`.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, schedule: Schedule):
@@ -92,6 +97,7 @@ class Policy(nn.Module):
         self.schedule = schedule
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
+        self.reference_unet: nn.Module | None = None
 
     @classmethod
     def from_pipeline(cls, pipeline) -> Policy:
@@ -115,6 +121,33 @@ class Policy(nn.Module):
         while hasattr(unet, "module"):
             unet = unet.module
         return getattr(unet, "_orig_mod", unet)
+
+    def keep_reference(self) -> None:
+        """Keeps a frozen copy of the UNet as the base model (full fine-tuning; LoRA needs none)."""
+        self.reference_unet = copy.deepcopy(self.base_unet).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within the block, the policy computes the base model: LoRA adapters disabled, or the reference copy.
+
+        Not for concurrent use with training steps (it switches the shared UNet's adapters off).
+        """
+        unet = self.base_unet
+        if has_lora(unet):
+            unet.disable_adapters()
+            try:
+                yield
+            finally:
+                unet.enable_adapters()
+        elif self.reference_unet is not None:
+            trained, self.unet = self.unet, self.reference_unet
+            try:
+                yield
+            finally:
+                self.unet = trained
+        else:
+            raise ValueError("the base model is unknown: the UNet has no LoRA adapter and no reference copy "
+                             "(call policy.keep_reference() before fine-tuning the whole UNet)")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -9,8 +9,11 @@ scorer) raise :class:`RewardError` naming the reward: a failing reward never bec
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+from diffalign.images import to_uint8  # noqa: F401  (re-exported: rewards convert with it)
 
 _RANGE_TOLERANCE = 1e-4
 
@@ -19,9 +22,22 @@ class RewardError(RuntimeError):
     """A reward was given bad input, failed, or returned a non-finite value."""
 
 
+@dataclass(frozen=True)
+class RewardOutput:
+    """Everything a reward says about a batch: ``scores`` ``[B]``; ``components``, each member's ``[B]`` values
+    for a composite (empty otherwise); ``strict`` ``[B]`` bool, the all-constraints-met flag of a verifiable
+    reward (None when the reward has no such notion)."""
+
+    scores: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    strict: torch.Tensor | None = None
+
+
 class Reward:
     """Base class: subclasses set ``name``/``differentiable`` and implement :meth:`score`.
 
+    ``reward(images, prompts)`` returns the scores ``[B]``; :meth:`output` returns the typed
+    :class:`RewardOutput` (scores, components, strict flag) that training and evaluation read.
     ``needs_prompts`` says whether the score depends on the prompt; such rewards reject empty prompts.
     """
 
@@ -46,6 +62,10 @@ class Reward:
             except Exception as error:
                 raise RewardError(f"reward {self.name!r} failed: {type(error).__name__}: {error}") from error
         return self.check_output(rewards, len(prompts))
+
+    def output(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        """The scores with whatever else this reward knows (subclasses with components or a strict flag override)."""
+        return RewardOutput(self(images, prompts))
 
     def check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
         """Raises :class:`RewardError` unless images are ``[B, 3, H, W]`` floats in [0, 1] with B prompts."""
@@ -92,6 +112,3 @@ class Reward:
         return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r})"
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] floats in [0, 1] → uint8 NHWC, by ×255, round and clamp (as DDPO converts)."""
-    return (images.detach() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,8 +1,9 @@
 """Weighted sums of rewards, and proxy/gold pairs for reward-hacking curves.
 
 :class:`CompositeReward` is ``Σ_i w_i · r_i``; every member's value of the last call is kept in
-``last_components`` (detached, per member name) for logging, and :meth:`CompositeReward.score_components` returns
-them directly. A combined reward is the usual answer to "aesthetic + alignment" requests (``jannerm/ddpo#12``).
+``last_components`` (detached, per member name), :meth:`CompositeReward.output` returns them with the total in
+one :class:`~diffalign.rewards.base.RewardOutput` (what the training loop logs), and
+:meth:`CompositeReward.score_components` returns them directly. A combined reward is the usual answer to "aesthetic + alignment" requests (``jannerm/ddpo#12``).
 
 :class:`ProxyGold` pairs the reward a run trains on (proxy) with the one it is judged by (gold), as in Gao et al.
 2023, "Scaling Laws for Reward Model Overoptimization": plotting gold against proxy over training shows where
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.rewards.base import Reward, RewardError
+from diffalign.rewards.base import Reward, RewardError, RewardOutput
 from diffalign.rewards.registry import get, register
 
 
@@ -67,6 +68,15 @@ class CompositeReward(Reward):
         components = self.score_components(images, prompts)
         self.last_components = {name: value.detach() for name, value in components.items()}
         return sum(weight * components[reward.name] for reward, weight in self.terms)
+
+    def output(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        """The weighted sum with each member's values (members validate their own output)."""
+        self.check_inputs(images, prompts)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            components = self.score_components(images, list(prompts))
+            total = sum(weight * components[reward.name] for reward, weight in self.terms)
+        total = self.check_output(total, len(prompts))
+        return RewardOutput(total, {name: value.detach() for name, value in components.items()})
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.rewards.base import Reward, RewardError, to_uint8
+from diffalign.images import to_uint8
+from diffalign.rewards.base import Reward, RewardError
 from diffalign.rewards.common import optional_import
 from diffalign.rewards.registry import register
 

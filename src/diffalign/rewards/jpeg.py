@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from diffalign.rewards.base import Reward, to_uint8
+from diffalign.images import to_uint8
+from diffalign.rewards.base import Reward
 from diffalign.rewards.registry import register
 
 JPEG_QUALITY = 95

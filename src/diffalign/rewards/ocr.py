@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from diffalign.rewards.base import Reward, RewardError, to_uint8
+from diffalign.images import to_uint8
+from diffalign.rewards.base import Reward, RewardError
 from diffalign.rewards.common import optional_import
 from diffalign.rewards.registry import register
 

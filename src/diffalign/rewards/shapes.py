@@ -29,7 +29,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from diffalign.rewards.base import Reward, RewardError
+from diffalign.rewards.base import Reward, RewardError, RewardOutput
 from diffalign.rewards.registry import register
 from diffalign.world.captions import Caption, parse_caption, relation_holds
 from diffalign.world.detector import Detection, detect_batch
@@ -128,3 +128,7 @@ class ShapesReward(Reward):
         except Exception as error:
             raise RewardError(f"reward {self.name!r} failed: {type(error).__name__}: {error}") from error
         return self.check_output(score, len(prompts)), strict
+
+    def output(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        score, strict = self.evaluate(images, prompts)
+        return RewardOutput(score, strict=strict)

@@ -18,9 +18,9 @@ computed from the caption vector, Perez et al. 2018) and SiLU; the head reads th
 last feature map, the spatial soft-argmax positions of 16 of its channels (Levine et al. 2016: where things are,
 for the relations) and the caption vector, through a two-layer MLP to one logit. ``score = sigmoid(logit)``.
 
-Training (:mod:`diffalign.world.reward_training`) is binary cross-entropy against the verifiable score of freshly
+Training (:mod:`diffalign.train.reward_training`) is binary cross-entropy against the verifiable score of freshly
 rendered positive and perturbed scenes with blur/noise augmentation; its agreement report ships beside the
-weights (``world/assets/shapes-reward-eval.json``). The shipped weights reach, on 1000 fresh degraded pairs per
+weights (``rewards/assets/shapes-reward-eval.json``). The shipped weights reach, on 1000 fresh degraded pairs per
 caption split, Pearson 0.93 (train captions) / 0.90 (held-out captions) with the verifiable score and a mean
 absolute error of 0.09 / 0.10. They have seen rendered and degraded scenes only, never diffusion samples: trust
 the verifiable reward, not this one, to say whether a model got better.
@@ -43,7 +43,7 @@ from diffalign.world.captions import COUNT_WORDS, FAMILIES, RELATIONS, Caption, 
 from diffalign.world.scenes import COLOURS, IMAGE_SIZE, SHAPES, SIZES
 
 WEIGHTS_RESOURCE = "assets/shapes-reward.safetensors"
-"""The shipped weights, relative to the ``diffalign.world`` package."""
+"""The shipped weights, relative to the ``diffalign.rewards`` package."""
 
 _SIZE_SLOTS: tuple[str | None, ...] = (None, *SIZES)
 _COUNTS = tuple(sorted({1, *COUNT_WORDS.values()}))
@@ -143,8 +143,8 @@ class ShapesRewardModel(nn.Module):
 
 
 def default_weights_path() -> Path:
-    """Path of the weights shipped with diffalign (``diffalign/world/assets/shapes-reward.safetensors``)."""
-    return Path(str(resources.files("diffalign.world").joinpath(WEIGHTS_RESOURCE)))
+    """Path of the weights shipped with diffalign (``diffalign/rewards/assets/shapes-reward.safetensors``)."""
+    return Path(str(resources.files("diffalign.rewards").joinpath(WEIGHTS_RESOURCE)))
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesRewardModel:
@@ -156,8 +156,8 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     if not path.is_file():
         raise RewardError(
             f"reward 'shapes_learned': weights file {str(path)!r} not found; train one with "
-            "diffalign.world.reward_training.train_reward_model or reinstall diffalign (it ships "
-            f"diffalign/world/{WEIGHTS_RESOURCE})"
+            "diffalign.train.reward_training.train_reward_model or reinstall diffalign (it ships "
+            f"diffalign/rewards/{WEIGHTS_RESOURCE})"
         )
     try:
         state = load_file(str(path))

@@ -1,5 +1,15 @@
-"""Sampler math: schedules and the DDIM step with log-prob, as pure functions."""
+"""Sampler math as pure functions: schedules, the DDIM step with log-prob, the noising process and its closed forms."""
 
 from diffalign.samplers.ddim import DDIMStepOutput, ddim_step, inference_timesteps, previous_timestep
+from diffalign.samplers.noising import backward_log_prob, diffusion_target, gaussian_kl, q_sample
 
-__all__ = ["DDIMStepOutput", "ddim_step", "inference_timesteps", "previous_timestep"]
+__all__ = [
+    "DDIMStepOutput",
+    "backward_log_prob",
+    "ddim_step",
+    "diffusion_target",
+    "gaussian_kl",
+    "inference_timesteps",
+    "previous_timestep",
+    "q_sample",
+]

@@ -1,15 +1,17 @@
 """Checkpoints: the full training state for an exact resume, plus the LoRA in diffusers format.
 
 ``checkpoints/<epoch>/`` holds ``trainable.safetensors`` (the trained parameters only: the LoRA, or the whole
-UNet when fine-tuning it), ``optimizer.pt``, ``trainer_state.json`` (epochs done, optimizer steps, stat
-tracker buffers) and ``lora/pytorch_lora_weights.safetensors`` (loadable with ``pipe.load_lora_weights``).
-Sampling noise, prompts and shuffles derive from (seed, epoch, index), so no RNG state needs saving.
+UNet when fine-tuning it), ``modules/<name>.safetensors`` (a method's extra networks, e.g. value or flow),
+``optimizer.pt``, ``trainer_state.json`` (epochs done, optimizer steps, the base model's evaluation and the
+method's own state: trackers, coefficients) and ``lora/pytorch_lora_weights.safetensors`` (loadable with
+``pipe.load_lora_weights``). Sampling noise, prompts and shuffles derive from (seed, epoch, index), so no RNG
+state needs saving.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,20 +27,24 @@ class TrainerState:
 
     epochs_done: int = 0
     global_step: int = 0
-    stat_tracker: dict | None = None
-    extra: dict = field(default_factory=dict)
+    algorithm: dict = field(default_factory=dict)
+    base_evaluation: dict[str, float] | None = None
 
 
-def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in unet.named_parameters() if p.requires_grad}
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, unet: nn.Module, optimizer, state: TrainerState) -> Path:
+def save_checkpoint(directory: Path, unet: nn.Module, modules: dict[str, nn.Module], optimizer,
+                    state: TrainerState) -> Path:
     """Writes a checkpoint folder (call on the main process only)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(unet), directory / "trainable.safetensors")
+    for name, module in modules.items():
+        (directory / "modules").mkdir(exist_ok=True)
+        save_file(trainable_state(module), directory / "modules" / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=1))
+    (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     if has_lora(unet):
         save_lora(unet, directory / "lora")
     return directory
@@ -55,19 +61,28 @@ def latest_checkpoint(path: str | Path) -> Path:
     return candidates[-1]
 
 
-def load_checkpoint(directory: Path, unet: nn.Module, optimizer) -> TrainerState:
-    """Loads weights and optimizer state saved by :func:`save_checkpoint` into ``unet`` and ``optimizer``."""
-    weights = load_file(directory / "trainable.safetensors")
-    expected = {name for name, p in unet.named_parameters() if p.requires_grad}
+def _load_trainable(path: Path, module: nn.Module, what: str) -> None:
+    weights = load_file(path)
+    expected = {name for name, p in module.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
         raise ValueError(
-            f"checkpoint {str(directory)!r} does not match this model's trainable parameters "
+            f"checkpoint {str(path.parent)!r} does not match this {what}'s trainable parameters "
             f"(missing e.g. {missing}, unexpected e.g. {unexpected}); resume with the config it was saved with"
         )
-    params = dict(unet.named_parameters())
+    params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(directory: Path, unet: nn.Module, modules: dict[str, nn.Module], optimizer) -> TrainerState:
+    """Loads what :func:`save_checkpoint` wrote into ``unet``, the method's ``modules`` and ``optimizer``."""
+    _load_trainable(directory / "trainable.safetensors", unet, "model")
+    for name, module in modules.items():
+        path = directory / "modules" / f"{name}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"checkpoint {str(directory)!r} has no weights for the method's module {name!r}")
+        _load_trainable(path, module, f"{name} module")
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     return TrainerState(**json.loads((directory / "trainer_state.json").read_text()))

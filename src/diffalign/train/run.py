@@ -8,7 +8,6 @@ Layout (DESIGN.md "Runs")::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from diffalign.evaluate.plots import image_grid, plot_curves
 from diffalign.evaluate.report import write_report
+from diffalign.evaluate.summary import RunSummary
 
 #: Samples drawn in the before/after grids (4 rows of 8).
 GRID_SAMPLES = 32
@@ -34,7 +34,8 @@ class RunFolder:
         return self.path / "metrics.jsonl"
 
     def write_config(self, config) -> None:
-        (self.path / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        """``config.json``: the resolved config (``config.to_dict()``)."""
+        (self.path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def truncate_metrics(self, epochs_done: int) -> None:
         """Drops metric lines of epochs ≥ ``epochs_done`` (a resumed run rewrites them)."""
@@ -53,14 +54,20 @@ class RunFolder:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
-    def save_samples(self, epoch: int, images: torch.Tensor, captions: list[str]) -> Path:
-        """A grid of the first :data:`GRID_SAMPLES` evaluation samples (all of them are scored, not all drawn)."""
+    def save_samples(self, epoch: int, images: torch.Tensor, captions: list[str],
+                     label: str | None = None) -> Path:
+        """``samples/epoch_<epoch>.png``: a grid of the first :data:`GRID_SAMPLES` evaluation samples (all of them
+        are scored, not all drawn); also written as ``samples/<label>.png`` (``before``, ``after``) when given."""
         path = self.path / "samples" / f"epoch_{epoch:04d}.png"
-        image_grid(images[:GRID_SAMPLES], captions[:GRID_SAMPLES]).save(path)
+        grid = image_grid(images[:GRID_SAMPLES], captions[:GRID_SAMPLES])
+        grid.save(path)
+        if label is not None:
+            grid.save(self.path / "samples" / f"{label}.png")
         return path
 
-    def finish(self, summary: dict, title: str) -> None:
+    def finish(self, run_summary: RunSummary, title: str) -> None:
         """Writes the reward curve, summary.json and report.html."""
+        summary = run_summary.to_dict()
         records = self.metrics()
         plot_curves(records, ["reward/mean", "reward/gold_mean"], self.path / "plots" / "reward.png",
                     title="reward on each epoch's samples")
@@ -73,5 +80,5 @@ class RunFolder:
         if "base" in summary and keys:
             plot_curves(points, keys, self.path / "plots" / "eval.png", title="evaluation on fixed prompts and seeds",
                         x_key="epochs_done")
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_summary.write(self.path / "summary.json")
         write_report(self.path, title, summary, records)

@@ -3,7 +3,7 @@
 Two stages, on (caption, scene) pairs of the grammar's TRAIN split rendered on the fly (batch ``k`` of a stage
 is a pure function of ``(seed, k)``, see :func:`_examples`):
 
-1. **VAE.** AutoencoderKL (:data:`~diffalign.world.model.VAE_CONFIG`) with an L1 + L2 reconstruction loss and a
+1. **VAE.** AutoencoderKL (:data:`~diffalign.models.shapes.VAE_CONFIG`) with an L1 + L2 reconstruction loss and a
    small KL weight (LDM's recipe, without the perceptual and adversarial terms, which 32×32 flat-colour scenes
    do not need). Its ``scaling_factor`` is then set to 1 / std of the latents (SD's 0.18215 was found the same
    way) and the deterministic detector is run on reconstructions of held-out scenes: the latents must keep
@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.evaluate.plots import image_grid
+from diffalign.models import shapes as shapes_model
 from diffalign.models.loading import load_policy
 from diffalign.models.policy import Policy, Schedule
 from diffalign.rewards.shapes import ShapesReward
 from diffalign.rollout import StepSettings, derive_seed, sample
-from diffalign.world import model as shapes_model
+from diffalign.samplers import diffusion_target, q_sample
 from diffalign.world.captions import FAMILIES, Caption, sample_caption_spec, scene_for_caption
 from diffalign.world.render import render_batch
 
@@ -236,18 +237,6 @@ class EMA:
                     param.copy_(value)
 
 
-def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str):
-    """What the denoiser regresses for x_t = √ᾱ x0 + √(1−ᾱ) ε: ε, x0, or v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho
-    2022 eq. 10); ``alpha_t`` is ᾱ_t broadcastable to ``x0``."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    if prediction_type == "v_prediction":
-        return alpha_t.sqrt() * noise - (1 - alpha_t).sqrt() * x0
-    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
-
-
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     """Token ids ``[B, L]`` padded to the tokenizer's max length, as the pipeline tokenizes."""
     return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
@@ -266,11 +255,10 @@ def diffusion_loss(config: PretrainConfig, step: int, pipeline, schedule: Schedu
         x0 = posterior.sample(generator) * pipeline.vae.config.scaling_factor
     t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    alpha_t = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    x_t = alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+    x_t = q_sample(x0, noise, t, schedule.alphas_cumprod)
     prompt_embeds = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions))[0]
     output = pipeline.unet(x_t, t, encoder_hidden_states=prompt_embeds).sample
-    return F.mse_loss(output, diffusion_target(x0, noise, alpha_t, schedule.prediction_type))
+    return F.mse_loss(output, diffusion_target(x0, noise, t, schedule.alphas_cumprod, schedule.prediction_type))
 
 
 def train_diffusion(config: PretrainConfig, pipeline, output_dir: Path) -> EMA:
@@ -481,12 +469,12 @@ def readme(report: dict) -> str:
             rows.append(f"| {split} | {family} | {r['strict']:.3f} | {r['score']:.3f} | {r['n']} |")
     vae = report["vae"]["detector_on_reconstructions"]
     minutes = report["wall_time_s"]["total"] / 60
-    return f"""# ShapesWorld base model (`diffalign.world.model`)
+    return f"""# ShapesWorld base model (`diffalign.models.shapes`)
 
 A small text-to-image latent diffusion model in Stable-Diffusion format, pretrained by diffalign on
 procedurally rendered ShapesWorld scenes (32×32, 1–4 coloured shapes) with captions from the grammar's
 **train split only**. Load it with `diffalign.models.load_policy("shapes")` or, offline, with plain diffusers:
-`StableDiffusionPipeline.from_pretrained(diffalign.world.model.base_model_path())`.
+`StableDiffusionPipeline.from_pretrained(diffalign.models.shapes.base_model_path())`.
 
 - VAE: AutoencoderKL, 32×32×3 ⇄ {m["latent_shape"]} latents (channels {m["vae_channels"]}, scaling factor
   {report["vae"]["scaling_factor"]}); {m["parameters"]["vae"]:,} parameters.

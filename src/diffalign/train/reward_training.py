@@ -22,7 +22,7 @@ from ``eval_seed``), augmented as in training and clean.
 Run (the shipped weights: the defaults — seed 0, 40 000 examples, 4000 steps of 64, one thread — took 8 min 18 s
 on a shared 2-core CPU: 79 s rendering, 409 s training)::
 
-    python -m diffalign.world.reward_training --output src/diffalign/world/assets/shapes-reward.safetensors
+    python -m diffalign.train.reward_training --output src/diffalign/rewards/assets/shapes-reward.safetensors
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class RewardTrainingConfig:
         """``<output stem>-eval.json`` beside the weights."""
         return Path(self.output).with_name(Path(self.output).stem + "-eval.json")
 
-    def validate(self) -> None:
-        """Raises ``ValueError`` listing every invalid field with its value and what is allowed."""
+    def validate(self) -> list[str]:
+        """Every problem with this config, each naming the field, the value and what is allowed."""
         errors = [
             f"{name} must be >= {low}, got {value}"
             for name, value, low in [("steps", self.steps, 1), ("batch_size", self.batch_size, 1),
@@ -118,8 +118,14 @@ class RewardTrainingConfig:
         ]
         if not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr}")
+        return errors
+
+    def check(self) -> RewardTrainingConfig:
+        """Raises ValueError listing every problem (see :meth:`validate`); returns the config."""
+        errors = self.validate()
         if errors:
             raise ValueError("invalid RewardTrainingConfig: " + "; ".join(errors))
+        return self
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ def train_reward_model(config: RewardTrainingConfig) -> Path:
     with the config in its metadata) and the agreement report to ``config.report_path``; returns the weights path."""
     from safetensors.torch import save_file
 
-    config.validate()
+    config.check()
     threads = torch.get_num_threads()
     start = time.perf_counter()
     torch.set_num_threads(1)  # rendering runs tiny per-image ops: extra threads only contend

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffalign.train.stats import PerPromptStatTracker, batch_advantages
+from diffalign.algorithms.advantages import PerPromptStatTracker, batch_advantages
 
 
 def test_batch_advantages_hand_values():

@@ -9,8 +9,8 @@ It has SD 1.x's classes, only smaller (sizes chosen by timing a DDPO epoch on a 
     CLIPTokenizer          OpenAI CLIP's tokenizer (built offline), captions padded to 32 tokens
     DDIMScheduler          SD 1.x's scaled-linear betas and leading spacing; the UNet predicts x0 ("sample")
 
-The trained weights ship in ``assets/shapes-base/`` (:func:`base_model_path`); ``diffalign pretrain shapes``
-(:func:`diffalign.world.pretrain.pretrain`) rebuilds them from a seed. The folder loads with plain
+The trained weights ship in ``models/assets/shapes-base/`` (:func:`base_model_path`); ``diffalign pretrain
+shapes`` (:func:`diffalign.train.pretrain_shapes.pretrain`) rebuilds them from a seed. The folder loads with plain
 ``diffusers.StableDiffusionPipeline.from_pretrained(base_model_path())``, offline.
 """
 
@@ -24,13 +24,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffalign.models.tiny import SD_SCHEDULER_CONFIG
 from diffalign.models.tokenizer import clip_tokenizer, save_clip_tokenizer
-from diffalign.world.scenes import IMAGE_SIZE
 
 #: Where the shipped pipeline lives inside the package.
 BASE_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-base"
 #: The pipeline's component folders (besides ``model_index.json``).
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
+#: Side of the images the model draws: ShapesWorld's canvas (``diffalign.world.scenes.IMAGE_SIZE``, which a
+#: test checks equals this; models/ does not import world/).
+IMAGE_SIZE = 32
 #: Captions are padded/truncated to this many tokens (the longest grammar caption has 12, BOS/EOS included).
 TOKENIZER_MAX_LENGTH = 32
 TEXT_HIDDEN_SIZE = 32

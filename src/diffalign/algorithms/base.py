@@ -1,0 +1,123 @@
+"""The method protocol: what a training method declares, and what the online loop does with it.
+
+A method is a config dataclass (its knobs, with ``validate``) and an :class:`Algorithm` subclass saying
+
+- how it **collects** a batch (:meth:`Algorithm.collect`; default: plain rollouts from :func:`~diffalign.rollout.sample`),
+- how gathered rewards become **targets** (:meth:`Algorithm.targets`: advantages ``[B]`` or per-step ``[B, T]``),
+- how a batch splits into **minibatches** (:meth:`Algorithm.minibatches`: optimizer steps, each a list of
+  micro-batches whose gradients are accumulated),
+- its **loss** on one micro-batch (:meth:`Algorithm.loss`),
+- its extra **trainable modules** (value or flow networks, each with its own learning rate) and its **state**
+  for checkpoints (trackers, coefficients).
+
+The loop (``diffalign.train.loop``) owns accelerate, gathering across processes, gradient accumulation, clipping,
+checkpoints, logging and evaluation, and never names a method. A method never imports accelerate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from diffalign.models.policy import Policy
+from diffalign.rollout import Rollout, StepSettings, Transitions, sample, transitions
+
+#: ``generator_for(k)`` gives the k-th independent shuffle generator of this epoch on this process.
+GeneratorFor = Callable[[int], torch.Generator]
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config: ``validate`` sees the sampler settings the method will run with."""
+
+    def validate(self, settings: StepSettings) -> list[str]:
+        """Every problem with these settings for this method, each naming the field, the value and the rule."""
+        return []
+
+
+@dataclass
+class ExtraModule:
+    """A trainable network a method adds beside the policy (a value or flow network) with its learning rate."""
+
+    module: nn.Module
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class Minibatching:
+    """How the loop asks a method to split its batch: ``batch_size`` samples per micro-batch (per device) and
+    ``accumulation`` micro-batches of samples per optimizer step."""
+
+    batch_size: int
+    accumulation: int
+
+
+class Algorithm:
+    """Base class of the methods; subclasses set ``name`` and ``config_class`` and implement :meth:`loss`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, settings: StepSettings):
+        self.config = config
+        self.settings = settings
+        self.modules: dict[str, ExtraModule] = {}
+
+    def collect(self, policy: Policy, prompts: Sequence[str], seeds: Sequence[int]) -> Rollout:
+        """One sampling batch of trajectories (no rewards yet). Default: plain rollouts."""
+        return sample(policy, prompts, seeds, self.settings)
+
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Training targets ``[B]`` or ``[B, T]`` from the rewards ``[B]`` gathered over every process."""
+        raise NotImplementedError
+
+    def minibatches(self, rollout: Rollout, targets: torch.Tensor, plan: Minibatching,
+                    generator_for: GeneratorFor) -> Iterator[list]:
+        """This process's optimizer steps over its part of the batch, each a list of micro-batches."""
+        raise NotImplementedError
+
+    def loss(self, policy: Policy, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The scalar loss of one micro-batch (to be averaged over the step's micro-batches) and its metrics."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Called after every optimizer step (adaptive coefficients); returns metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state besides module weights (trackers, coefficients) for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected checkpoint state {sorted(state)}")
+
+
+def trained_steps(num_steps: int, timestep_fraction: float) -> int:
+    """Steps trained per trajectory: int(num_steps × timestep_fraction), at least 1."""
+    return max(1, int(num_steps * timestep_fraction))
+
+
+def shuffled_transitions(rollout: Rollout, targets: torch.Tensor, plan: Minibatching, generator_for: GeneratorFor,
+                         num_inner_epochs: int, timestep_fraction: float) -> Iterator[list[Transitions]]:
+    """DDPO's minibatches: per inner epoch, shuffled rows × a random ``timestep_fraction`` of each row's steps;
+    an optimizer step is ``plan.accumulation`` row-minibatches × every trained step."""
+    n, steps = len(rollout), rollout.num_steps
+    trained = trained_steps(steps, timestep_fraction)
+    for inner in range(num_inner_epochs):
+        generator = generator_for(inner)
+        order = torch.randperm(n, generator=generator)
+        step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(n)])[:, :trained]
+        group = []
+        for first in range(0, n, plan.batch_size):
+            rows = order[first : first + plan.batch_size]
+            group += [transitions(rollout, rows, step_order[rows, j], targets) for j in range(trained)]
+            if len(group) == plan.accumulation * trained:
+                yield group
+                group = []
+        if group:
+            yield group
