@@ -17,6 +17,7 @@ from typing import Generic, Literal, TypeVar
 from diffalign.algorithms import ALGORITHMS, MethodConfig, algorithm_name
 from diffalign.algorithms.advantages import AdvantageConfig
 from diffalign.algorithms.ddpo import DDPOConfig
+from diffalign.algorithms.reinforce import ReinforceConfig
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.rollout import StepSettings
 
@@ -325,6 +326,10 @@ def _presets() -> dict[str, Config]:
     presets = {
         "ddpo-tiny": tiny,
         "ddpo-shapes": shapes,
+        "reinforce-tiny": dataclasses.replace(tiny, method=ReinforceConfig(advantages=AdvantageConfig(min_count=4))),
+        # DDPO_SF on ShapesWorld: the demo's sampling, groups and schedule, with a small KL-to-base penalty.
+        "reinforce-shapes": dataclasses.replace(shapes, method=ReinforceConfig(
+            timestep_fraction=0.5, kl_coef=0.01, advantages=AdvantageConfig(min_count=8))),
         "ddpo-sd15-compressibility": _ddpo_reference("jpeg_compressibility", "imagenet_animals"),
         "ddpo-sd15-incompressibility": _ddpo_reference("jpeg_incompressibility", "imagenet_animals"),
         "ddpo-sd15-aesthetic": _ddpo_reference(

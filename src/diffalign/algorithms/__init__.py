@@ -5,8 +5,9 @@
 
 from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, Minibatching
 from diffalign.algorithms.ddpo import DDPO
+from diffalign.algorithms.reinforce import Reinforce
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO,)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce)}
 
 
 def algorithm_name(config: MethodConfig) -> str:
