@@ -31,3 +31,11 @@ def test_bench_async_rewards_overlaps_a_slow_reward():
     result = bench.main(bench.Args(latency_s=0.3, batches=3, batch_size=1, steps=2, threads=1))
     # three 0.3 s reward calls: inline pays all of them, async hides all but the last behind sampling
     assert result["inline_s"] > 0.9 and result["async_s"] < result["inline_s"]
+
+
+def test_bench_step_gradients_reports_each_step():
+    bench = _load("bench_step_gradients")
+    result = bench.main(bench.Args(model="tiny", captions=2, group=2, steps=3, threads=1))
+    assert len(result["grad_norm"]) == len(result["split_half_cosine"]) == 3
+    assert all(v > 0 for v in result["grad_norm"]) and all(-1 <= c <= 1 for c in result["split_half_cosine"])
+    assert sum(result["squared_norm_share"]) == pytest.approx(1, abs=1e-3)

@@ -157,6 +157,8 @@ class EvalConfig:
     """Training prompts of an extra set sampled diversity_samples times each, reported as diversity (0: none)."""
     diversity_samples: int = 4
     """Samples per prompt of the diversity set."""
+    kl_samples: int = 8
+    """Trajectories of each epoch's batch (per device) on which kl/to_base is measured after the update (0: off)."""
 
     def validate(self) -> list[str]:
         from diffalign import prompts
@@ -164,7 +166,8 @@ class EvalConfig:
         errors = [f"eval.{name} must be >= {low}, got {value}"
                   for name, value, low in [("samples", self.samples, 1), ("freq", self.freq, 0),
                                            ("diversity_prompts", self.diversity_prompts, 0),
-                                           ("diversity_samples", self.diversity_samples, 2)] if value < low]
+                                           ("diversity_samples", self.diversity_samples, 2),
+                                           ("kl_samples", self.kl_samples, 0)] if value < low]
         if self.prompts is not None:
             try:
                 prompts.check(self.prompts)

@@ -128,3 +128,40 @@ def test_samples_per_prompt_groups_prompts_within_each_process():
 def test_samples_per_prompt_must_divide_the_samples_per_device():
     errors = replace(preset("ddpo-tiny"), **{"sample.samples_per_prompt": 3}).validate()
     assert any("sample.samples_per_prompt (3) must divide" in e for e in errors)
+
+
+def test_instruments_are_logged_every_epoch(full_run):
+    run, _ = full_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    drift = [r["train/weight_drift"] for r in records]
+    assert all(d > 0 for d in drift) and drift == sorted(drift)  # LoRA B starts at 0; a few steps move it away
+    assert all(r["kl/to_base"] > 0 for r in records)
+    assert all(0 <= r["train/zero_advantage_groups"] <= 1 for r in records)
+    assert (run / "plots" / "drift_kl.png").is_file()
+
+
+def test_one_optimizer_step_moves_every_trained_weight_in_fp32(tmp_path):
+    """Guards against an update that silently zeroes (an Adam ε or low-precision underflow)."""
+    from accelerate import Accelerator
+
+    from diffalign.algorithms import build
+    from diffalign.rewards import get
+    from diffalign.train.loop import build_policy, collect, compute_targets, train_epoch
+
+    config = _tiny(tmp_path, "step", epochs=1)
+    accelerator = Accelerator()
+    policy = build_policy(config, accelerator)
+    algorithm = build(config.method, config.sample.settings())
+    optimizer = torch.optim.AdamW([p for p in policy.unet.parameters() if p.requires_grad], lr=1e-3)
+    policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    prompts, seeds = ["a cat", "a cat", "a dog", "a dog"], [1, 2, 3, 4]
+    rollout, _, _ = collect(config, algorithm, policy, get("brightness"), prompts, seeds)
+    targets, _ = compute_targets(algorithm, rollout, accelerator)
+    # LoRA B starts at zero, so weight decay cannot move it: only the gradient step can
+    before = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if "lora_B" in n}
+    assert before and all(v.abs().max() == 0 for v in before.values())
+    _, steps = train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator, epoch=0)
+    after = dict(policy.unet.named_parameters())
+    assert steps == 1 and all(after[n].dtype == torch.float32 for n in before)
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(moved) == len(before), sorted(set(before) - set(moved))[:3]

@@ -87,6 +87,30 @@ def kl_to_base(policy: Policy, rollout: Rollout, settings: StepSettings) -> torc
     return total
 
 
+@torch.no_grad()
+def weight_drift(policy: Policy) -> float:
+    """‖ΔW‖ / ‖W‖ over the adapted weights: with LoRA, ΔW = (α/r)·B·A of every adapted layer against its base
+    weight; with full fine-tuning, the UNet's parameters against the reference copy (:meth:`Policy.keep_reference`).
+    Both norms are Frobenius norms summed in quadrature over layers."""
+    from peft.tuners.lora import LoraLayer
+
+    unet, delta, base = policy.base_unet, 0.0, 0.0
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    if layers:
+        for layer in layers:
+            for adapter in layer.active_adapters:
+                delta += layer.get_delta_weight(adapter).float().square().sum().item()
+            base += layer.get_base_layer().weight.float().square().sum().item()
+    elif policy.reference_unet is not None:
+        reference = dict(policy.reference_unet.named_parameters())
+        for name, p in unet.named_parameters():
+            delta += (p.float() - reference[name].float()).square().sum().item()
+            base += reference[name].float().square().sum().item()
+    else:
+        raise ValueError("weight_drift: the UNet has no LoRA adapter and no reference copy (policy.keep_reference())")
+    return (delta / base) ** 0.5 if base > 0 else 0.0
+
+
 def _strict_key(split: str, judge: str) -> str:
     return f"{split}_strict_accuracy" if judge == "reward" else f"{split}_{judge}_strict_accuracy"
 

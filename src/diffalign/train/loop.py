@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from diffalign import prompts as prompt_sources
 from diffalign.algorithms import Algorithm, Minibatching, build
+from diffalign.algorithms.advantages import zero_advantage_fraction
 from diffalign.config import Config
-from diffalign.evaluate import EvalSet, RunSummary, evaluate_policy
+from diffalign.evaluate import EvalSet, RunSummary, evaluate_policy, kl_to_base, weight_drift
 from diffalign.models import Policy, add_lora, load_policy
 from diffalign.rewards import Reward, RewardOutput
 from diffalign.rollout import Rollout, derive_seed, sample_seed
@@ -107,8 +108,21 @@ def compute_targets(algorithm: Algorithm, rollout: Rollout, accelerator: Acceler
     targets = algorithm.targets(rewards_all, prompts_all)
     local = targets.reshape(accelerator.num_processes, -1, *targets.shape[1:])[accelerator.process_index]
     metrics = {"reward/mean": rewards_all.mean().item(), "reward/std": rewards_all.std(unbiased=False).item(),
-               "reward/min": rewards_all.min().item(), "reward/max": rewards_all.max().item()}
+               "reward/min": rewards_all.min().item(), "reward/max": rewards_all.max().item(),
+               "train/zero_advantage_groups": zero_advantage_fraction(targets, prompts_all)}
     return local.to(accelerator.device), metrics
+
+
+def instruments(config: Config, policy: Policy, rollout: Rollout, accelerator: Accelerator) -> dict[str, float]:
+    """Always-on measures of how far training moved the policy: ``train/weight_drift`` (‖ΔW‖/‖W‖) and, when the
+    sampler is stochastic, ``kl/to_base`` (Σ_t KL to the base model along the first ``eval.kl_samples`` of this
+    epoch's trajectories, averaged over processes)."""
+    metrics = {"train/weight_drift": weight_drift(policy)}
+    settings = config.sample.settings()
+    if config.eval.kl_samples and settings.eta > 0:
+        kl = kl_to_base(policy, rollout.index(slice(0, config.eval.kl_samples)), settings)
+        metrics["kl/to_base"] = accelerator.gather(kl.to(accelerator.device)).float().mean().item()
+    return metrics
 
 
 def trainable_parameters(policy: Policy, algorithm: Algorithm) -> list[torch.nn.Parameter]:
@@ -229,6 +243,8 @@ def train(config: Config) -> TrainResult:
                               project_dir=str(run_path))
     set_seed(config.seed)
     policy = build_policy(config, accelerator)
+    if not config.model.use_lora:
+        policy.keep_reference()  # the base model that drift and KL are measured against
     reward, gold = config.reward.build(accelerator.device)
     source = prompt_sources.get(config.prompts)
     algorithm = build(config.method, config.sample.settings())
@@ -273,10 +289,12 @@ def train(config: Config) -> TrainResult:
         start_train = time.perf_counter()
         train_metrics, steps = train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator,
                                            epoch)
+        train_s = time.perf_counter() - start_train
+        train_metrics.update(instruments(config, policy, rollout, accelerator))
         state.global_step += steps
         state.epochs_done = epoch + 1
         record = {"epoch": epoch, "global_step": state.global_step, **reward_metrics, **train_metrics, **timings,
-                  "time/train_s": time.perf_counter() - start_train, "time/epoch_s": time.perf_counter() - start}
+                  "time/train_s": train_s, "time/epoch_s": time.perf_counter() - start}
         if config.eval.freq and state.epochs_done % config.eval.freq == 0 and state.epochs_done < config.epochs:
             if accelerator.is_main_process:
                 record.update({f"eval/{k}": v for k, v in evaluate(config, policy, judges, eval_sets).metrics.items()})

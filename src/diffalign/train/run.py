@@ -71,6 +71,8 @@ class RunFolder:
         records = self.metrics()
         plot_curves(records, ["reward/mean", "reward/gold_mean"], self.path / "plots" / "reward.png",
                     title="reward on each epoch's samples")
+        plot_curves(records, ["train/weight_drift", "kl/to_base"], self.path / "plots" / "drift_kl.png",
+                    title="drift of the trained weights and KL to the base model")
         # Evaluations after 0 (base), the periodic ones and all epochs (final), x = epochs done.
         points = [{"epochs_done": 0, **summary.get("base", {})}]
         points += [{"epochs_done": r["epoch"] + 1, **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
