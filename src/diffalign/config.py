@@ -157,8 +157,10 @@ class EvalConfig:
     """Training prompts of an extra set sampled diversity_samples times each, reported as diversity (0: none)."""
     diversity_samples: int = 4
     """Samples per prompt of the diversity set."""
-    kl_samples: int = 8
+    kl_samples: int = 4
     """Trajectories of each epoch's batch (per device) on which kl/to_base is measured after the update (0: off)."""
+    kl_steps: int = 4
+    """Denoising steps (drawn at random each epoch) kl/to_base is computed on, scaled to the whole chain."""
 
     def validate(self) -> list[str]:
         from diffalign import prompts
@@ -167,7 +169,8 @@ class EvalConfig:
                   for name, value, low in [("samples", self.samples, 1), ("freq", self.freq, 0),
                                            ("diversity_prompts", self.diversity_prompts, 0),
                                            ("diversity_samples", self.diversity_samples, 2),
-                                           ("kl_samples", self.kl_samples, 0)] if value < low]
+                                           ("kl_samples", self.kl_samples, 0),
+                                           ("kl_steps", self.kl_steps, 1)] if value < low]
         if self.prompts is not None:
             try:
                 prompts.check(self.prompts)

@@ -47,6 +47,10 @@ def test_kl_to_base_is_zero_for_an_untrained_adapter_and_positive_after(tiny_pol
                 p.fill_(0.05)
     kl = kl_to_base(tiny_policy, rollout, SETTINGS)
     assert kl.shape == (2,) and (kl > 0).all() and all(math.isfinite(v) for v in kl.tolist())
+    # a subset of steps is scaled to the chain: all steps give the sum, the steps one at a time average to it
+    torch.testing.assert_close(kl_to_base(tiny_policy, rollout, SETTINGS, steps=torch.arange(4)), kl)
+    singles = torch.stack([kl_to_base(tiny_policy, rollout, SETTINGS, steps=torch.tensor([j])) for j in range(4)])
+    torch.testing.assert_close(singles.mean(dim=0), kl)
     with pytest.raises(ValueError, match="η > 0"):
         kl_to_base(tiny_policy, rollout, StepSettings(num_inference_steps=4, eta=0.0))
 

@@ -64,19 +64,23 @@ def diversity(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
 
 
 @torch.no_grad()
-def kl_to_base(policy: Policy, rollout: Rollout, settings: StepSettings) -> torch.Tensor:
+def kl_to_base(policy: Policy, rollout: Rollout, settings: StepSettings,
+               steps: torch.Tensor | None = None) -> torch.Tensor:
     """KL of the policy's chain to the base model's along ``rollout``'s trajectories, per trajectory ``[B]``.
 
     Σ_t KL(π_θ(·|x_t) ‖ π_base(·|x_t)) over the trajectory's steps, each in closed form (the steps share σ_t:
     ‖μ_θ − μ_base‖² / 2σ_t², reduced over pixels as ``settings.reduction``); the base model is the policy with
-    its trainable weights switched off (:meth:`Policy.reference`). Needs η > 0.
+    its trainable weights switched off (:meth:`Policy.reference`). Needs η > 0. Given ``steps`` (step indices),
+    only those are computed and the sum is scaled by T / len(steps): an unbiased estimate when they are drawn
+    uniformly.
     """
     if settings.eta <= 0:
         raise ValueError(f"kl_to_base: the steps need η > 0 to have a density, got eta = {settings.eta}")
     rows = torch.arange(len(rollout))
     zeros = torch.zeros(len(rollout))
     total = torch.zeros(len(rollout), device=rollout.latents.device)
-    for j in range(rollout.num_steps):
+    chosen = range(rollout.num_steps) if steps is None else [int(j) for j in steps]
+    for j in chosen:
         batch = transitions(rollout, rows, torch.full_like(rows, j), zeros)
         step = denoise_step(policy, batch.x_t, batch.t, batch.conditioning, settings, prev_sample=batch.x_prev,
                             with_log_prob=False)
@@ -84,7 +88,7 @@ def kl_to_base(policy: Policy, rollout: Rollout, settings: StepSettings) -> torc
             base = denoise_step(policy, batch.x_t, batch.t, batch.conditioning, settings, prev_sample=batch.x_prev,
                                 with_log_prob=False)
         total += gaussian_kl(step.mean, base.mean, step.std, reduction=settings.reduction)
-    return total
+    return total * (rollout.num_steps / len(chosen))
 
 
 @torch.no_grad()

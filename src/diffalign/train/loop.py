@@ -33,7 +33,7 @@ from diffalign.rollout import Rollout, derive_seed, sample_seed
 from diffalign.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffalign.train.run import RunFolder
 
-PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM = 1, 2, 3
+PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM, KL_STREAM = 1, 2, 3, 10
 
 
 def build_policy(config: Config, accelerator: Accelerator) -> Policy:
@@ -113,14 +113,17 @@ def compute_targets(algorithm: Algorithm, rollout: Rollout, accelerator: Acceler
     return local.to(accelerator.device), metrics
 
 
-def instruments(config: Config, policy: Policy, rollout: Rollout, accelerator: Accelerator) -> dict[str, float]:
+def instruments(config: Config, policy: Policy, rollout: Rollout, accelerator: Accelerator,
+                epoch: int) -> dict[str, float]:
     """Always-on measures of how far training moved the policy: ``train/weight_drift`` (‖ΔW‖/‖W‖) and, when the
     sampler is stochastic, ``kl/to_base`` (Σ_t KL to the base model along the first ``eval.kl_samples`` of this
-    epoch's trajectories, averaged over processes)."""
+    epoch's trajectories, estimated on ``eval.kl_steps`` random steps, averaged over processes)."""
     metrics = {"train/weight_drift": weight_drift(policy)}
     settings = config.sample.settings()
     if config.eval.kl_samples and settings.eta > 0:
-        kl = kl_to_base(policy, rollout.index(slice(0, config.eval.kl_samples)), settings)
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 0, KL_STREAM))
+        steps = torch.randperm(rollout.num_steps, generator=generator)[: config.eval.kl_steps]
+        kl = kl_to_base(policy, rollout.index(slice(0, config.eval.kl_samples)), settings, steps)
         metrics["kl/to_base"] = accelerator.gather(kl.to(accelerator.device)).float().mean().item()
     return metrics
 
@@ -290,7 +293,7 @@ def train(config: Config) -> TrainResult:
         train_metrics, steps = train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator,
                                            epoch)
         train_s = time.perf_counter() - start_train
-        train_metrics.update(instruments(config, policy, rollout, accelerator))
+        train_metrics.update(instruments(config, policy, rollout, accelerator, epoch))
         state.global_step += steps
         state.epochs_done = epoch + 1
         record = {"epoch": epoch, "global_step": state.global_step, **reward_metrics, **train_metrics, **timings,
