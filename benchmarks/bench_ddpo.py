@@ -78,7 +78,7 @@ def main(args: Args) -> dict:
         seeds = list(range(epoch * args.samples, (epoch + 1) * args.samples))
         start = time.perf_counter()
         rollout, split, _ = collect(config, algorithm, policy, reward, prompt_list, seeds)
-        targets, _ = compute_targets(algorithm, rollout, accelerator)
+        targets, _ = compute_targets(algorithm, rollout, accelerator, torch.Generator().manual_seed(epoch))
         start_train = time.perf_counter()
         train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator, epoch)
         end = time.perf_counter()

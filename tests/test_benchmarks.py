@@ -39,3 +39,22 @@ def test_bench_step_gradients_reports_each_step():
     assert len(result["grad_norm"]) == len(result["split_half_cosine"]) == 3
     assert all(v > 0 for v in result["grad_norm"]) and all(-1 <= c <= 1 for c in result["split_half_cosine"])
     assert sum(result["squared_norm_share"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_trials_table_summarises_a_run_folder(tmp_path):
+    import json
+
+    bench = _load("bench_ddpo_shapes_trials")
+    rewards = [0.5 + 0.01 * e for e in range(20)]  # slope 0.01 per epoch = 1.0 per 100 epochs
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "reward/mean": r, "train/weight_drift": 0.01 * e, "kl/to_base": 0.001,
+                    "train/zero_advantage_groups": 0.25}) + "\n" for e, r in enumerate(rewards)))
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "base": {"train_strict_accuracy": 0.4, "heldout_strict_accuracy": 0.2},
+        "final": {"train_strict_accuracy": 0.5, "heldout_strict_accuracy": 0.3}}))
+    row = bench.summarise(tmp_path)
+    assert row["reward_first"] == pytest.approx(0.505) and row["reward_last"] == pytest.approx(0.685)
+    assert row["reward_slope_per_100"] == pytest.approx(1.0) and row["drift"] == pytest.approx(0.19)
+    assert row["heldout_final"] == 0.3 and row["zero_groups"] == 0.25
+    assert "| x | 0.505 → 0.685 | +1.0 |" in bench.markdown({"x": {**row, "minutes": 1.0}})
+    assert set(bench.VARIANTS) >= {"reference", "placebo", "no_last_two_steps", "epsilon_weighting"}

@@ -37,3 +37,24 @@ def test_buffer_evicts_oldest_and_state_round_trips():
     copy.load_state_dict(tracker.state_dict())
     assert copy.stats() == tracker.stats() and copy.buffers["a"].maxlen == 2
     torch.testing.assert_close(copy.update(["a"], torch.tensor([7.0])), tracker.update(["a"], torch.tensor([7.0])))
+
+
+def test_placebo_permutes_advantages_only_within_their_group():
+    from diffalign.algorithms.advantages import shuffle_within_groups
+
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    prompts = ["a", "a", "a", "b", "b", "b"]
+    shuffled = shuffle_within_groups(values, prompts, torch.Generator().manual_seed(0))
+    assert sorted(shuffled[:3].tolist()) == [1.0, 2.0, 3.0] and sorted(shuffled[3:].tolist()) == [10.0, 20.0, 30.0]
+    draws = {tuple(shuffle_within_groups(values, prompts, torch.Generator().manual_seed(s)).tolist()) for s in range(20)}
+    assert len(draws) > 1  # it does permute
+    again = shuffle_within_groups(values, prompts, torch.Generator().manual_seed(0))
+    assert torch.equal(again, shuffled)  # and is reproducible from its generator
+
+
+def test_zero_advantage_fraction_counts_groups():
+    from diffalign.algorithms.advantages import zero_advantage_fraction
+
+    advantages = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0, 0.0])
+    assert zero_advantage_fraction(advantages, ["a", "a", "b", "b", "c", "c"]) == pytest.approx(2 / 3)
+    assert zero_advantage_fraction(torch.zeros(2, 3), ["a", "b"]) == 1.0  # per-step targets [B, T]

@@ -38,3 +38,29 @@ def test_on_policy_gradient_is_the_score_function():
 def test_config_validation():
     assert DDPOConfig().validate() == []
     assert len(DDPOConfig(clip_range=0, adv_clip_max=-1).validate()) == 2
+
+
+def test_weights_scale_each_transitions_term():
+    log_prob = torch.tensor([0.0, 0.0])
+    adv = torch.tensor([1.0, -2.0])
+    plain, _ = ppo_clip_loss(log_prob, torch.zeros(2), adv, 0.2, 5.0)
+    weighted, _ = ppo_clip_loss(log_prob, torch.zeros(2), adv, 0.2, 5.0, weights=torch.tensor([3.0, 0.5]))
+    # terms at r = 1 are −A: (−1, 2); weighted (−3, 1) → mean −1 against the plain mean 0.5
+    assert plain.item() == pytest.approx(0.5) and weighted.item() == pytest.approx(-1.0)
+
+
+def test_min_timestep_trains_only_the_noisier_steps(tiny_policy):
+    from diffalign.algorithms.base import Minibatching, shuffled_transitions
+    from diffalign.rollout import StepSettings, sample
+
+    rollout = sample(tiny_policy, ["a cat", "a dog"], [1, 2], StepSettings(num_inference_steps=5, guidance_scale=1.0))
+    # timesteps 801, 601, 401, 201, 1: t >= 300 leaves three; half of them (int(1.5) = 1) per sample
+    groups = list(shuffled_transitions(rollout, torch.zeros(2), Minibatching(2, 1),
+                                       lambda k: torch.Generator().manual_seed(k), 1, 0.5, min_timestep=300))
+    assert len(groups) == 1 and len(groups[0]) == 1 and (groups[0][0].t >= 300).all()
+    every = list(shuffled_transitions(rollout, torch.zeros(2), Minibatching(2, 1),
+                                      lambda k: torch.Generator().manual_seed(k), 1, 1.0, min_timestep=300))
+    assert sorted(set(torch.cat([b.t for b in every[0]]).tolist())) == [401, 601, 801]
+    with pytest.raises(ValueError, match="no denoising step has t >= min_timestep"):
+        list(shuffled_transitions(rollout, torch.zeros(2), Minibatching(2, 1),
+                                  lambda k: torch.Generator().manual_seed(k), 1, 1.0, min_timestep=900))

@@ -33,7 +33,7 @@ class Baseline(Algorithm):
         self.modules["value"] = ExtraModule(nn.Linear(4, 1), config.value_learning_rate)
         self.calls = 0
 
-    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         self.calls += 1
         return rewards[:, None].expand(-1, self.settings.num_inference_steps).clone()  # per-step targets [B, T]
 

@@ -121,3 +121,16 @@ def test_backward_log_prob_rejects_t_prev_not_below_t():
     with pytest.raises(ValueError, match="t_prev must be < t"):
         backward_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), 5, 5, torch.linspace(0.99, 0.01, 10),
                           final_alpha_cumprod=1.0)
+
+
+def test_epsilon_equivalent_weight_hand_values():
+    from diffalign.samplers import epsilon_equivalent_weight
+
+    alphas = torch.tensor([0.8, 0.5, 0.2])
+    t = torch.tensor([0, 1, 2])
+    # x0-prediction: √((1 − ᾱ)/ᾱ) = 1/√SNR; v-prediction: 1/√ᾱ; ε-prediction: 1
+    torch.testing.assert_close(epsilon_equivalent_weight(t, alphas, "sample"), torch.tensor([0.5, 1.0, 2.0]))
+    torch.testing.assert_close(epsilon_equivalent_weight(t, alphas, "v_prediction"), alphas.rsqrt())
+    torch.testing.assert_close(epsilon_equivalent_weight(t, alphas, "epsilon"), torch.ones(3))
+    with pytest.raises(ValueError, match="prediction_type"):
+        epsilon_equivalent_weight(t, alphas, "flow")

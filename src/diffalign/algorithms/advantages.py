@@ -26,6 +26,8 @@ class AdvantageConfig:
     only within itself (a revisited prompt never reuses its previous visit's rewards)."""
     min_count: int = 16
     """Below this many buffered rewards a prompt uses the whole batch's statistics."""
+    placebo: bool = False
+    """Placebo control: permute each prompt's advantages among its samples (same noise and magnitudes, no signal)."""
 
     def validate(self, prefix: str) -> list[str]:
         if self.buffer_size < 1 or self.min_count < 1:
@@ -47,6 +49,19 @@ def batch_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def normalise(rewards: torch.Tensor, prompts: Sequence[str], tracker: PerPromptStatTracker | None) -> torch.Tensor:
     """Advantages ``[B]`` of gathered ``rewards`` ``[B]``: the tracker's, or the whole-batch z-score without one."""
     return batch_advantages(rewards) if tracker is None else tracker.update(prompts, rewards)
+
+
+def shuffle_within_groups(values: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """``values`` ``[B, ...]`` with rows permuted at random among the rows of the same prompt (a placebo: each
+    group keeps its values, but which sample gets which no longer depends on the sample)."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    order = torch.arange(len(prompts))
+    for rows in groups.values():
+        rows_t = torch.tensor(rows)
+        order[rows_t] = rows_t[torch.randperm(len(rows), generator=generator)]
+    return values[order]
 
 
 def zero_advantage_fraction(advantages: torch.Tensor, prompts: Sequence[str], atol: float = 1e-6) -> float:

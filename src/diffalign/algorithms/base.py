@@ -71,8 +71,9 @@ class Algorithm:
         """One sampling batch of trajectories (no rewards yet). Default: plain rollouts."""
         return sample(policy, prompts, seeds, self.settings)
 
-    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Training targets ``[B]`` or ``[B, T]`` from the rewards ``[B]`` gathered over every process."""
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        """Training targets ``[B]`` or ``[B, T]`` from the rewards ``[B]`` gathered over every process (the same
+        on every process; ``generator`` is this epoch's, for methods whose targets are random)."""
         raise NotImplementedError
 
     def minibatches(self, rollout: Rollout, targets: torch.Tensor, plan: Minibatching,
@@ -103,15 +104,22 @@ def trained_steps(num_steps: int, timestep_fraction: float) -> int:
 
 
 def shuffled_transitions(rollout: Rollout, targets: torch.Tensor, plan: Minibatching, generator_for: GeneratorFor,
-                         num_inner_epochs: int, timestep_fraction: float) -> Iterator[list[Transitions]]:
-    """DDPO's minibatches: per inner epoch, shuffled rows × a random ``timestep_fraction`` of each row's steps;
-    an optimizer step is ``plan.accumulation`` row-minibatches × every trained step."""
-    n, steps = len(rollout), rollout.num_steps
-    trained = trained_steps(steps, timestep_fraction)
+                         num_inner_epochs: int, timestep_fraction: float,
+                         min_timestep: int = 0) -> Iterator[list[Transitions]]:
+    """DDPO's minibatches: per inner epoch, shuffled rows × a random ``timestep_fraction`` of each row's steps
+    (of those with t ≥ ``min_timestep``); an optimizer step is ``plan.accumulation`` row-minibatches × every
+    trained step."""
+    n = len(rollout)
+    eligible = (rollout.timesteps[0] >= min_timestep).nonzero().flatten()
+    if len(eligible) == 0:
+        raise ValueError(f"no denoising step has t >= min_timestep = {min_timestep} "
+                         f"(timesteps {rollout.timesteps[0].tolist()})")
+    trained = trained_steps(len(eligible), timestep_fraction)
     for inner in range(num_inner_epochs):
         generator = generator_for(inner)
         order = torch.randperm(n, generator=generator)
-        step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(n)])[:, :trained]
+        step_order = torch.stack([eligible[torch.randperm(len(eligible), generator=generator)]
+                                  for _ in range(n)])[:, :trained]
         group = []
         for first in range(0, n, plan.batch_size):
             rows = order[first : first + plan.batch_size]

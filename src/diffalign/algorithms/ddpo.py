@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from diffalign.algorithms.advantages import AdvantageConfig, normalise
+from diffalign.algorithms.advantages import AdvantageConfig, normalise, shuffle_within_groups
 from diffalign.algorithms.base import Algorithm, MethodConfig, shuffled_transitions
 from diffalign.models.policy import Policy
 from diffalign.rollout import StepSettings, Transitions, transition_log_prob
+from diffalign.samplers import epsilon_equivalent_weight
 
 
 @dataclass
@@ -43,10 +45,18 @@ class DDPOConfig(MethodConfig):
     """Fraction of each trajectory's steps trained on (a random subset per sample), in (0, 1]."""
     cfg: bool = True
     """Use classifier-free guidance when re-scoring transitions (as when sampling)."""
+    min_timestep: int = 0
+    """Train only on steps whose t >= this (0: every step, as the reference). The last steps add noise no reward
+    can see, and with x0-prediction they carry almost all of the gradient."""
+    step_weighting: Literal["none", "epsilon"] = "none"
+    """Weight each transition's loss by |∂μ/∂ε̂| / |∂μ/∂output| at its t (normalised to mean 1 over the sampled
+    timesteps), so an x0- or v-prediction model's steps weigh as an ε-prediction model's ("none": as the reference)."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
 
     def validate(self, settings: StepSettings | None = None) -> list[str]:
         errors = []
+        if self.min_timestep < 0:
+            errors.append(f"method.min_timestep must be >= 0, got {self.min_timestep}")
         if self.clip_range <= 0:
             errors.append(f"method.clip_range must be > 0, got {self.clip_range}")
         if self.adv_clip_max <= 0:
@@ -63,15 +73,17 @@ class DDPOConfig(MethodConfig):
 
 def ppo_clip_loss(
     log_prob: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-    adv_clip_max: float,
+    adv_clip_max: float, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The PPO-clip surrogate over ``[b]`` transitions and its diagnostics (namespaced metric keys)."""
+    """The PPO-clip surrogate over ``[b]`` transitions (each term times ``weights`` ``[b]`` when given) and its
+    diagnostics (namespaced metric keys)."""
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - log_prob_old
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    terms = torch.maximum(unclipped, clipped)
+    loss = (terms if weights is None else weights * terms).mean()
     with torch.no_grad():
         metrics = {
             "policy/loss": loss.detach(),
@@ -94,19 +106,28 @@ class DDPO(Algorithm):
         super().__init__(config, settings)
         self.tracker = config.advantages.tracker()
 
-    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return normalise(rewards, prompts, self.tracker)
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        advantages = normalise(rewards, prompts, self.tracker)
+        return shuffle_within_groups(advantages, prompts, generator) if self.config.advantages.placebo else advantages
 
     def minibatches(self, rollout, targets, plan, generator_for):
         return shuffled_transitions(rollout, targets, plan, generator_for, self.config.num_inner_epochs,
-                                    self.config.timestep_fraction)
+                                    self.config.timestep_fraction, self.config.min_timestep)
+
+    def step_weights(self, policy: Policy, t: torch.Tensor) -> torch.Tensor | None:
+        """The ε-equivalent weights of timesteps ``t`` ``[b]``, normalised to mean 1 over the sampled timesteps."""
+        if self.config.step_weighting == "none":
+            return None
+        schedule = policy.schedule
+        every = schedule.timesteps(self.settings.num_inference_steps).to(t.device)
+        scale = epsilon_equivalent_weight(every, schedule.alphas_cumprod, schedule.prediction_type).mean()
+        return epsilon_equivalent_weight(t, schedule.alphas_cumprod, schedule.prediction_type) / scale
 
     def loss(self, policy: Policy, batch: Transitions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The surrogate for one micro-batch of transitions, re-scored under the current policy."""
         step = transition_log_prob(policy, batch, self.settings, self.config.cfg)
-        return ppo_clip_loss(
-            step.log_prob, batch.log_prob_old, batch.advantages, self.config.clip_range, self.config.adv_clip_max
-        )
+        return ppo_clip_loss(step.log_prob, batch.log_prob_old, batch.advantages, self.config.clip_range,
+                             self.config.adv_clip_max, self.step_weights(policy, batch.t))
 
     def state_dict(self) -> dict:
         return {"stat_tracker": None if self.tracker is None else self.tracker.state_dict()}

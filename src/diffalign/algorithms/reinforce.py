@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.algorithms.advantages import AdvantageConfig, normalise
+from diffalign.algorithms.advantages import AdvantageConfig, normalise, shuffle_within_groups
 from diffalign.algorithms.base import Algorithm, MethodConfig, shuffled_transitions
 from diffalign.models.policy import Policy
 from diffalign.rollout import StepSettings, Transitions, kl_to_reference, transition_log_prob
@@ -80,8 +80,9 @@ class Reinforce(Algorithm):
         super().__init__(config, settings)
         self.tracker = config.advantages.tracker()
 
-    def targets(self, rewards: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return normalise(rewards, prompts, self.tracker)
+    def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        advantages = normalise(rewards, prompts, self.tracker)
+        return shuffle_within_groups(advantages, prompts, generator) if self.config.advantages.placebo else advantages
 
     def minibatches(self, rollout, targets, plan, generator_for):
         return shuffled_transitions(rollout, targets, plan, generator_for, 1, self.config.timestep_fraction)

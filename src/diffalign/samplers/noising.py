@@ -138,3 +138,22 @@ def backward_log_prob(
     variance = 1 - ratio
     log_density = -((x_t.float() - mean) ** 2) / (2 * variance) - 0.5 * variance.log() - _LOG_SQRT_2PI
     return _reduce(log_density, reduction, "backward_log_prob")
+
+
+def epsilon_equivalent_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample factor ``[B]`` that makes a log-prob gradient through the model output scale as an ε-prediction
+    model's would: |∂μ/∂ε̂| / |∂μ/∂o| at timestep t.
+
+    The step mean is affine in ε̂ (x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t, DDIM eq. 12), so for an output o:
+    ε-prediction: 1; x0-prediction ("sample"): ∂x̂0/∂ε̂ = −√(1−ᾱ_t)/√ᾱ_t, i.e. the factor 1/√SNR_t; v-prediction
+    (ε̂ = √ᾱ_t v + √(1−ᾱ_t) x_t): 1/√ᾱ_t. An x0-prediction model's step-t gradient is √SNR_t times an ε model's
+    for the same sensitivity of its network, which puts almost all of it on the last, low-noise steps.
+    """
+    alpha = alphas_cumprod.to(t.device)[t.long()].float()
+    if prediction_type == "epsilon":
+        return torch.ones_like(alpha)
+    if prediction_type == "sample":
+        return ((1 - alpha) / alpha).sqrt()
+    if prediction_type == "v_prediction":
+        return alpha.rsqrt()
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")

@@ -33,7 +33,7 @@ from diffalign.rollout import Rollout, derive_seed, sample_seed
 from diffalign.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffalign.train.run import RunFolder
 
-PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM, KL_STREAM = 1, 2, 3, 10
+PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM, KL_STREAM, TARGET_STREAM = 1, 2, 3, 10, 11
 
 
 def build_policy(config: Config, accelerator: Accelerator) -> Policy:
@@ -101,11 +101,12 @@ def gathered_means(values: dict[str, torch.Tensor], accelerator: Accelerator, pr
             for name, v in values.items()}
 
 
-def compute_targets(algorithm: Algorithm, rollout: Rollout, accelerator: Accelerator) -> tuple[torch.Tensor, dict]:
+def compute_targets(algorithm: Algorithm, rollout: Rollout, accelerator: Accelerator,
+                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Gathers rewards and prompts across processes, asks the method for its targets, returns this process's."""
     rewards_all = accelerator.gather(rollout.rewards.to(accelerator.device)).cpu()
     prompts_all = gather_object(rollout.prompts) if accelerator.num_processes > 1 else rollout.prompts
-    targets = algorithm.targets(rewards_all, prompts_all)
+    targets = algorithm.targets(rewards_all, prompts_all, generator)
     local = targets.reshape(accelerator.num_processes, -1, *targets.shape[1:])[accelerator.process_index]
     metrics = {"reward/mean": rewards_all.mean().item(), "reward/std": rewards_all.std(unbiased=False).item(),
                "reward/min": rewards_all.min().item(), "reward/max": rewards_all.max().item(),
@@ -283,7 +284,8 @@ def train(config: Config) -> TrainResult:
         prompts, seeds = epoch_prompts_and_seeds(config, source, epoch, accelerator)
         start = time.perf_counter()
         rollout, timings, components = collect(config, algorithm, policy, reward, prompts, seeds, executor)
-        targets, reward_metrics = compute_targets(algorithm, rollout, accelerator)
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 0, TARGET_STREAM))
+        targets, reward_metrics = compute_targets(algorithm, rollout, accelerator, generator)
         reward_metrics.update(gathered_means(components, accelerator, "reward/components/"))
         if gold is not None:
             with torch.no_grad():

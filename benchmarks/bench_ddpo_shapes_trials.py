@@ -1,0 +1,122 @@
+"""The experiments that decide whether (and why) DDPO learns on ShapesWorld: variants of ``ddpo-shapes``, one
+variable at a time, each on the same fixed seeds, reported as one table.
+
+Each variant trains the ``ddpo-shapes`` preset with a few fields changed, for ``--epochs`` epochs, evaluated
+before and after on the preset's fixed train and held-out captions. Per variant the table gives:
+
+- ``reward_first`` / ``reward_last``: mean training reward over the first and last 10 % of epochs, and
+  ``reward_slope_per_100``: the least-squares slope of the per-epoch training reward, per 100 epochs;
+- ``heldout_base`` → ``heldout_final`` and ``train_base`` → ``train_final``: strict accuracy on fixed captions;
+- ``drift``: ``train/weight_drift`` at the end; ``kl``: mean ``kl/to_base`` over the last 10 % of epochs;
+- ``zero_groups``: mean ``train/zero_advantage_groups``; ``minutes``: wall time of the run.
+
+Prints one JSON object (``{"variants": {...}, "markdown": "..."}``); the run folders stay in ``--out``.
+
+    python benchmarks/bench_ddpo_shapes_trials.py --variants reference placebo --epochs 60
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: Each variant's changes to the ``ddpo-shapes`` preset (dotted fields, as ``diffalign.config.replace`` takes).
+VARIANTS: dict[str, dict] = {
+    "reference": {},
+    "placebo": {"method.advantages.placebo": True},
+    "groups_alone": {"method.advantages.buffer_size": 8},
+    "no_last_two_steps": {"method.min_timestep": 101},
+    "epsilon_weighting": {"method.step_weighting": "epsilon"},
+    "lr_6e-4": {"train.learning_rate": 6e-4},
+    "lr_2e-4": {"train.learning_rate": 2e-4},
+    "samples_64": {"sample.batch_size_per_device": 64, "train.batch_size_per_device": 64},
+    "samples_128": {"sample.batch_size_per_device": 64, "sample.num_batches_per_epoch": 2,
+                    "train.batch_size_per_device": 64, "train.gradient_accumulation_steps": 2},
+    "adam_eps_1e-6": {"train.adam_epsilon": 1e-6},
+    "lora_time_and_text": {"model.lora_target_modules": ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj",
+                                                         "linear_1", "linear_2", "add_embedding.proj")},
+}
+
+
+@dataclass
+class Args:
+    variants: tuple[str, ...] = ("reference", "placebo")
+    """Variants to run, in order (see VARIANTS)."""
+    epochs: int = 60
+    """Epochs per run."""
+    eval_samples: int = 192
+    """Fixed evaluation captions per split."""
+    out: str = "runs/trials"
+    """Where the run folders go."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Changes applied to every variant (dotted field → value as JSON, e.g. method.min_timestep 101)."""
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarise(run_dir: Path) -> dict:
+    """The table row of one finished run folder."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rewards = [r["reward/mean"] for r in records]
+    k = max(1, len(records) // 10)
+    xs = list(range(len(rewards)))
+    x_mean, y_mean = _mean(xs), _mean(rewards)
+    slope = (sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, rewards))
+             / max(sum((x - x_mean) ** 2 for x in xs), 1e-12))
+    return {
+        "epochs": len(records),
+        "reward_first": round(_mean(rewards[:k]), 4), "reward_last": round(_mean(rewards[-k:]), 4),
+        "reward_slope_per_100": round(100 * slope, 4),
+        "train_base": summary["base"].get("train_strict_accuracy"),
+        "train_final": summary["final"].get("train_strict_accuracy"),
+        "heldout_base": summary["base"].get("heldout_strict_accuracy"),
+        "heldout_final": summary["final"].get("heldout_strict_accuracy"),
+        "drift": records[-1].get("train/weight_drift"),
+        "kl": round(_mean([r["kl/to_base"] for r in records[-k:] if "kl/to_base" in r]), 6),
+        "zero_groups": round(_mean([r["train/zero_advantage_groups"] for r in records]), 4),
+    }
+
+
+def markdown(rows: dict[str, dict]) -> str:
+    head = ("| variant | reward first → last 10 % | slope /100 ep | train strict | held-out strict | drift | KL | "
+            "zero groups | min |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {name} | {r['reward_first']} → {r['reward_last']} | {r['reward_slope_per_100']:+} | "
+             f"{r['train_base']:.3f} → {r['train_final']:.3f} | {r['heldout_base']:.3f} → {r['heldout_final']:.3f} | "
+             f"{r['drift']:.4f} | {r['kl']:.2e} | {r['zero_groups']} | {r['minutes']} |" for name, r in rows.items()]
+    return head + "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    from diffalign.config import preset, replace
+    from diffalign.train.loop import train
+
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    extra = {key: json.loads(value) for key, value in args.extra.items()}
+    rows = {}
+    for name in args.variants:
+        run_dir = Path(args.out) / name
+        config = replace(preset("ddpo-shapes"), epochs=args.epochs, run_dir=str(run_dir), log_with="none",
+                         save_freq=args.epochs, **{"eval.samples": args.eval_samples, "eval.freq": 0,
+                                                   **VARIANTS[name], **extra})
+        start = time.perf_counter()
+        train(config)
+        rows[name] = {**summarise(run_dir), "minutes": round((time.perf_counter() - start) / 60, 1),
+                      "changes": {k: str(v) for k, v in {**VARIANTS[name], **extra}.items()}}
+        print(json.dumps({name: rows[name]}), flush=True)
+    return {"variants": rows, "markdown": markdown(rows)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(tyro.cli(Args))))
