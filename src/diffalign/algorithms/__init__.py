@@ -5,9 +5,10 @@
 
 from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, Minibatching
 from diffalign.algorithms.ddpo import DDPO
+from diffalign.algorithms.raft import Raft
 from diffalign.algorithms.reinforce import Reinforce
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft)}
 
 
 def algorithm_name(config: MethodConfig) -> str:
