@@ -17,6 +17,7 @@ from typing import Generic, Literal, TypeVar
 from diffalign.algorithms import ALGORITHMS, MethodConfig, algorithm_name
 from diffalign.algorithms.advantages import AdvantageConfig
 from diffalign.algorithms.ddpo import DDPOConfig
+from diffalign.algorithms.draft import DraftConfig
 from diffalign.algorithms.raft import RaftConfig
 from diffalign.algorithms.reinforce import ReinforceConfig
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
@@ -134,6 +135,16 @@ class RewardConfig:
             if name is not None and name not in rewards.names():
                 errors.append(f"{label}: reward {name!r} is not registered; choose one of {', '.join(rewards.names())}")
         return errors
+
+    def differentiability_errors(self, algorithm: str) -> list[str]:
+        """An error when ``algorithm`` backpropagates through a reward this registry knows is not differentiable."""
+        from diffalign.rewards.registry import declared_differentiable
+
+        if declared_differentiable(self.name) is False:
+            return [f"reward.name: {algorithm} backpropagates through the reward, but {self.name!r} is not "
+                    "differentiable; choose a differentiable one (e.g. shapes_learned, aesthetic, pickscore, "
+                    "clipscore, brightness)"]
+        return []
 
     def build(self, device) -> tuple:
         """(trained-on reward, gold reward or None) on ``device``."""
@@ -256,6 +267,8 @@ class Config(Generic[M]):
             errors.append(f"method: {error}")
         else:
             errors += self.method.validate(s.settings())
+            if ALGORITHMS[self.algorithm].needs_differentiable_reward:
+                errors += self.reward.differentiability_errors(self.algorithm)
         errors += self.reward.validate() + self.eval.validate()
         for check, label in [(lambda: prompts.check(self.prompts), "prompts"),
                              (lambda: resolve_model(self.model.name), "model.name")]:
@@ -338,6 +351,14 @@ def _presets() -> dict[str, Config]:
                             num_batches_per_epoch=2, samples_per_prompt=8),
         train=TrainConfig(batch_size_per_device=32, gradient_accumulation_steps=1, learning_rate=2e-4),
         method=RaftConfig(top_k=2, threshold=1.0, updates_per_epoch=4))
+    # Reward backpropagation on ShapesWorld: the learned (differentiable) reward as proxy, the verifiable one as gold.
+    draft_shapes = dataclasses.replace(
+        shapes, epochs=100, save_freq=50, reward=RewardConfig(name="shapes_learned", gold="shapes"),
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=50),
+        sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=32,
+                            num_batches_per_epoch=1),
+        train=TrainConfig(batch_size_per_device=8, gradient_accumulation_steps=4, learning_rate=3e-4),
+        method=DraftConfig(truncation=2))
     presets = {
         "ddpo-tiny": tiny,
         "ddpo-shapes": shapes,
@@ -348,6 +369,13 @@ def _presets() -> dict[str, Config]:
         "raft-tiny": dataclasses.replace(tiny, method=RaftConfig(updates_per_epoch=2),
                                          sample=dataclasses.replace(tiny.sample, samples_per_prompt=4)),
         "raft-shapes": raft_shapes,
+        "draft-tiny": dataclasses.replace(tiny, reward=RewardConfig(name="brightness"), method=DraftConfig()),
+        "draft-shapes": draft_shapes,
+        # DRaFT-1 with the LAION aesthetic head on SD 1.5 (a GPU run; pass the CLIP and head paths as reward.kwargs)
+        "draft-sd15-aesthetic": _ddpo_reference(
+            "aesthetic", "simple_animals", epochs=100, method=DraftConfig(truncation=1),
+            **{"sample.eta": 0.0, "train.learning_rate": 1e-4, "train.batch_size_per_device": 2,
+               "train.gradient_accumulation_steps": 4}),
         "ddpo-sd15-compressibility": _ddpo_reference("jpeg_compressibility", "imagenet_animals"),
         "ddpo-sd15-incompressibility": _ddpo_reference("jpeg_incompressibility", "imagenet_animals"),
         "ddpo-sd15-aesthetic": _ddpo_reference(

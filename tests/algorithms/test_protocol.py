@@ -28,8 +28,8 @@ class Baseline(Algorithm):
     name = "toy_baseline"
     config_class = BaselineConfig
 
-    def __init__(self, config, settings):
-        super().__init__(config, settings)
+    def __init__(self, config, settings, reward=None):
+        super().__init__(config, settings, reward)
         self.modules["value"] = ExtraModule(nn.Linear(4, 1), config.value_learning_rate)
         self.calls = 0
 

@@ -5,10 +5,11 @@
 
 from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, Minibatching
 from diffalign.algorithms.ddpo import DDPO
+from diffalign.algorithms.draft import Draft
 from diffalign.algorithms.raft import Raft
 from diffalign.algorithms.reinforce import Reinforce
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft, Draft)}
 
 
 def algorithm_name(config: MethodConfig) -> str:
@@ -19,9 +20,9 @@ def algorithm_name(config: MethodConfig) -> str:
     raise ValueError(f"{type(config).__name__} is not the config of a registered method ({', '.join(ALGORITHMS)})")
 
 
-def build(config: MethodConfig, settings) -> Algorithm:
-    """The method for ``config``, sampling with ``settings``."""
-    return ALGORITHMS[algorithm_name(config)](config, settings)
+def build(config: MethodConfig, settings, reward=None) -> Algorithm:
+    """The method for ``config``, sampling with ``settings`` (and, for methods that need it, the reward)."""
+    return ALGORITHMS[algorithm_name(config)](config, settings, reward)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "ExtraModule", "MethodConfig", "Minibatching", "algorithm_name", "build"]

@@ -10,6 +10,9 @@ A method is a config dataclass (its knobs, with ``validate``) and an :class:`Alg
 - its extra **trainable modules** (value or flow networks, each with its own learning rate) and its **state**
   for checkpoints (trackers, coefficients).
 
+Methods that backpropagate through the reward (``needs_differentiable_reward``) receive the reward at
+construction; building one with a non-differentiable reward is an error before anything runs.
+
 The loop (``diffalign.train.loop``) owns accelerate, gathering across processes, gradient accumulation, clipping,
 checkpoints, logging and evaluation, and never names a method. A method never imports accelerate.
 """
@@ -61,10 +64,16 @@ class Algorithm:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    needs_differentiable_reward: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig, settings: StepSettings):
+    def __init__(self, config: MethodConfig, settings: StepSettings, reward=None):
+        if self.needs_differentiable_reward and (reward is None or not reward.differentiable):
+            name = "no reward" if reward is None else f"reward {reward.name!r}, which is not differentiable"
+            raise ValueError(f"{self.name} backpropagates through the reward, but was given {name}; choose a "
+                             "differentiable one (e.g. shapes_learned, aesthetic, pickscore, clipscore, brightness)")
         self.config = config
         self.settings = settings
+        self.reward = reward
         self.modules: dict[str, ExtraModule] = {}
 
     def collect(self, policy: Policy, prompts: Sequence[str], seeds: Sequence[int]) -> Rollout:

@@ -102,8 +102,8 @@ class DDPO(Algorithm):
     config_class = DDPOConfig
     config: DDPOConfig
 
-    def __init__(self, config: DDPOConfig, settings: StepSettings):
-        super().__init__(config, settings)
+    def __init__(self, config: DDPOConfig, settings: StepSettings, reward=None):
+        super().__init__(config, settings, reward)
         self.tracker = config.advantages.tracker()
 
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:

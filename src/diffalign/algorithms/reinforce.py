@@ -76,8 +76,8 @@ class Reinforce(Algorithm):
     config_class = ReinforceConfig
     config: ReinforceConfig
 
-    def __init__(self, config: ReinforceConfig, settings: StepSettings):
-        super().__init__(config, settings)
+    def __init__(self, config: ReinforceConfig, settings: StepSettings, reward=None):
+        super().__init__(config, settings, reward)
         self.tracker = config.advantages.tracker()
 
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:

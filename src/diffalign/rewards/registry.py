@@ -63,6 +63,13 @@ def _convert(reward: str, key: str, value: str, annotation) -> object:
     return value
 
 
+def declared_differentiable(name: str) -> bool | None:
+    """Whether reward ``name`` declares itself differentiable (None when only building it can tell, e.g. a
+    composite, whose answer depends on its members)."""
+    factory = _FACTORIES[name]
+    return factory.differentiable if inspect.isclass(factory) else None
+
+
 def get(name: str, **kwargs) -> Reward:
     """Builds the reward registered as ``name`` with the factory's keyword arguments (e.g. ``device``)."""
     if name not in _FACTORIES:

@@ -251,7 +251,7 @@ def train(config: Config) -> TrainResult:
         policy.keep_reference()  # the base model that drift and KL are measured against
     reward, gold = config.reward.build(accelerator.device)
     source = prompt_sources.get(config.prompts)
-    algorithm = build(config.method, config.sample.settings())
+    algorithm = build(config.method, config.sample.settings(), reward)
     for extra in algorithm.modules.values():
         extra.module.to(accelerator.device)
     optimizer = _optimizer(config, policy, algorithm)
