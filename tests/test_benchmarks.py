@@ -58,3 +58,23 @@ def test_trials_table_summarises_a_run_folder(tmp_path):
     assert row["heldout_final"] == 0.3 and row["zero_groups"] == 0.25
     assert "| x | 0.505 → 0.685 | +1.0 |" in bench.markdown({"x": {**row, "minutes": 1.0}})
     assert set(bench.VARIANTS) >= {"reference", "placebo", "no_last_two_steps", "epsilon_weighting"}
+
+
+def test_methods_table_reads_a_run_folder(tmp_path):
+    import json
+
+    bench = _load("bench_methods_shapes")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "kl/to_base": 0.1 * e,
+                                                                "train/weight_drift": 0.01 * e}) + "\n"
+                                                    for e in range(10)))
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "algorithm": "draft", "reward": "shapes_learned", "epochs": 10,
+        "base": {"heldout_strict_accuracy": 0.2, "heldout_reward_mean": 0.5, "heldout_gold_mean": 0.4},
+        "final": {"heldout_strict_accuracy": 0.3, "heldout_reward_mean": 0.7, "heldout_gold_mean": 0.45}}))
+    (tmp_path / "config.json").write_text(json.dumps({"reward": {"gold": "shapes"},
+                                                       "sample": {"batch_size_per_device": 32,
+                                                                  "num_batches_per_epoch": 2}}))
+    row = bench.row(tmp_path)
+    assert row["samples"] == 640 and row["kl"] == pytest.approx(0.9) and row["drift"] == pytest.approx(0.09)
+    table = bench.markdown({"draft-shapes": row})
+    assert "| draft-shapes | 0.200 → 0.300 | — → — | 0.500 → 0.700 | 0.400 → 0.450 | — → — | 0.9 | 0.0900 | 10 | 640 |" in table

@@ -214,6 +214,9 @@ class Config(Generic[M]):
     """Resume from a checkpoint folder, or from the latest checkpoint of a run folder."""
     save_freq: int = 20
     """Save a checkpoint every this many epochs (and after the last)."""
+    time_budget_minutes: float | None = None
+    """Stop after the epoch at which this many minutes of training (sampling, reward, updates; not evaluation)
+    have passed in this process, even before `epochs` (for comparisons under equal wall-clock budgets)."""
     log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
     """Experiment tracker (through accelerate), besides metrics.jsonl."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,6 +250,8 @@ class Config(Generic[M]):
             if value < 1:
                 errors.append(f"{name} must be >= 1, got {value}")
         errors += s.validate()
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            errors.append(f"time_budget_minutes must be > 0, got {self.time_budget_minutes}")
         if s.samples_per_prompt >= 1 and s.samples_per_device % s.samples_per_prompt:
             errors.append(f"sample.samples_per_prompt ({s.samples_per_prompt}) must divide the samples per device per "
                           f"epoch (sample.batch_size_per_device × sample.num_batches_per_epoch = "
@@ -336,7 +341,7 @@ def _presets() -> dict[str, Config]:
     # caption's advantages are normalised within its own group; one optimizer step per epoch over half the steps.
     shapes = Config(
         reward=RewardConfig(name="shapes"), prompts="shapes", epochs=90, save_freq=30,
-        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30),
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30, diversity_prompts=8),
         model=ModelConfig(name="shapes", lora_rank=8, lora_alpha=8.0),
         sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=32,
                             num_batches_per_epoch=1, samples_per_prompt=8),
@@ -346,7 +351,8 @@ def _presets() -> dict[str, Config]:
     # Reward-filtered fine-tuning on ShapesWorld: each epoch 16 train captions × 8 samples; the (at most) 2 best
     # samples of each caption that meet every constraint are fine-tuned on, 4 steps of 32 per epoch.
     raft_shapes = dataclasses.replace(
-        shapes, epochs=70, save_freq=35, eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=35),
+        shapes, epochs=70, save_freq=35,
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=35, diversity_prompts=8),
         sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=64,
                             num_batches_per_epoch=2, samples_per_prompt=8),
         train=TrainConfig(batch_size_per_device=32, gradient_accumulation_steps=1, learning_rate=2e-4),
@@ -354,7 +360,7 @@ def _presets() -> dict[str, Config]:
     # Reward backpropagation on ShapesWorld: the learned (differentiable) reward as proxy, the verifiable one as gold.
     draft_shapes = dataclasses.replace(
         shapes, epochs=100, save_freq=50, reward=RewardConfig(name="shapes_learned", gold="shapes"),
-        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=50),
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=50, diversity_prompts=8),
         sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=32,
                             num_batches_per_epoch=1),
         train=TrainConfig(batch_size_per_device=8, gradient_accumulation_steps=4, learning_rate=3e-4),

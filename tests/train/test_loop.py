@@ -165,3 +165,11 @@ def test_one_optimizer_step_moves_every_trained_weight_in_fp32(tmp_path):
     assert steps == 1 and all(after[n].dtype == torch.float32 for n in before)
     moved = [n for n in before if not torch.equal(before[n], after[n])]
     assert len(moved) == len(before), sorted(set(before) - set(moved))[:3]
+
+
+def test_a_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
+    run = train(_tiny(tmp_path, "budget", epochs=5, save_freq=5, time_budget_minutes=1e-6)).run_dir
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and json.loads((run / "summary.json").read_text())["epochs"] == 1
+    assert (run / "checkpoints/1/trainable.safetensors").is_file() and (run / "samples/after.png").is_file()
+    assert "time_budget_minutes must be > 0" in "\n".join(_tiny(tmp_path, "x", time_budget_minutes=0).validate())

@@ -205,6 +205,12 @@ def evaluate(config: Config, policy: Policy, judges: dict[str, Reward], sets: li
         policy.unet = wrapped
 
 
+def _over_budget(spent_s: float, budget_s: float, accelerator: Accelerator) -> bool:
+    """Whether the main process has spent its time budget (every process stops at the same epoch)."""
+    flag = torch.tensor([float(spent_s >= budget_s) if accelerator.is_main_process else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -278,6 +284,8 @@ def train(config: Config) -> TrainResult:
         base = evaluate(config, policy, judges, eval_sets)
         state.base_evaluation = base.metrics
         run.save_samples(0, base.rollouts["train"].images, eval_sets[0].prompts, label="before")
+    budget_s = None if config.time_budget_minutes is None else 60 * config.time_budget_minutes
+    spent_s = 0.0
     progress = tqdm(range(state.epochs_done, config.epochs), initial=state.epochs_done, total=config.epochs,
                     desc=f"{config.algorithm} {config.preset}", disable=not accelerator.is_main_process)
     for epoch in progress:
@@ -309,18 +317,22 @@ def train(config: Config) -> TrainResult:
             accelerator.log(record, step=epoch)
         if run is not None:
             run.log(record)
-        if state.epochs_done % config.save_freq == 0 or state.epochs_done == config.epochs:
+        spent_s += record["time/epoch_s"]
+        stop = budget_s is not None and _over_budget(spent_s, budget_s, accelerator)
+        if state.epochs_done % config.save_freq == 0 or state.epochs_done == config.epochs or stop:
             state.algorithm = algorithm.state_dict()
             if accelerator.is_main_process:
                 save_checkpoint(run.path / "checkpoints" / str(state.epochs_done), policy.base_unet, unwrapped,
                                 optimizer, state)
         accelerator.wait_for_everyone()
+        if stop:
+            break
 
     if accelerator.is_main_process:
         final = evaluate(config, policy, judges, eval_sets)
-        run.save_samples(config.epochs, final.rollouts["train"].images, eval_sets[0].prompts, label="after")
+        run.save_samples(state.epochs_done, final.rollouts["train"].images, eval_sets[0].prompts, label="after")
         summary = RunSummary(preset=config.preset, algorithm=config.algorithm, reward=config.reward.name,
-                             model=config.model.name, epochs=config.epochs, global_step=state.global_step,
+                             model=config.model.name, epochs=state.epochs_done, global_step=state.global_step,
                              final=final.metrics, base=state.base_evaluation)
         run.finish(summary, f"diffalign {config.algorithm} — {config.preset} — {config.reward.name}")
     accelerator.end_training()

@@ -1,0 +1,90 @@
+"""Methods compared on ShapesWorld under one wall-clock budget: each preset trains for ``--minutes`` of training
+time (sampling, reward and updates; evaluation excluded) and is judged on the same fixed captions and seeds.
+
+Per method: held-out and train strict accuracy (base → final), the trained-on (proxy) reward's and the gold
+reward's evaluation means, per-prompt diversity, KL to the base model (mean of the last 10 % of epochs), weight
+drift, epochs and samples used. Prints one JSON object with a markdown table; the run folders stay in ``--out``.
+
+    python benchmarks/bench_methods_shapes.py --presets ddpo-shapes raft-shapes draft-shapes --minutes 10
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Args:
+    presets: tuple[str, ...] = ("ddpo-shapes", "raft-shapes", "draft-shapes")
+    """Presets to compare (each runs its own method and settings)."""
+    minutes: float = 10.0
+    """Training minutes per method."""
+    out: str = "runs/methods"
+    """Where the run folders go."""
+
+
+def row(run_dir: Path) -> dict:
+    """The table row of a finished run folder."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    base, final = summary["base"], summary["final"]
+    k = max(1, len(records) // 10)
+    kl = [r["kl/to_base"] for r in records[-k:] if "kl/to_base" in r]
+    return {
+        "algorithm": summary["algorithm"], "reward": summary["reward"], "gold": config["reward"]["gold"],
+        "epochs": summary["epochs"],
+        "samples": summary["epochs"] * config["sample"]["batch_size_per_device"]
+        * config["sample"]["num_batches_per_epoch"],
+        "heldout_strict": [base.get("heldout_strict_accuracy"), final.get("heldout_strict_accuracy")],
+        "train_strict": [base.get("train_strict_accuracy"), final.get("train_strict_accuracy")],
+        "proxy": [base.get("heldout_reward_mean"), final.get("heldout_reward_mean")],
+        "gold": [base.get("heldout_gold_mean"), final.get("heldout_gold_mean")],
+        "diversity": [base.get("diversity_diversity"), final.get("diversity_diversity")],
+        "kl": sum(kl) / len(kl) if kl else None,
+        "drift": records[-1].get("train/weight_drift") if records else None,
+    }
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _pair(values) -> str:
+    return " → ".join(_num(v) for v in values)
+
+
+def markdown(rows: dict[str, dict]) -> str:
+    head = ("| preset | held-out strict | train strict | trained-on reward (held-out) | gold reward (held-out) | "
+            "diversity | KL | drift | epochs | samples |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {name} | {_pair(r['heldout_strict'])} | {_pair(r['train_strict'])} | {_pair(r['proxy'])} | "
+             f"{_pair(r['gold'])} | {_pair(r['diversity'])} | {_num(r['kl'], '.3g')} | {_num(r['drift'], '.4f')} | "
+             f"{r['epochs']} | {r['samples']} |" for name, r in rows.items()]
+    return head + "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    from diffalign.config import preset, replace
+    from diffalign.train.loop import train
+
+    rows = {}
+    for name in args.presets:
+        run_dir = Path(args.out) / name
+        config = replace(preset(name), run_dir=str(run_dir), log_with="none", time_budget_minutes=args.minutes,
+                         epochs=100_000, **{"eval.freq": 0})
+        config = replace(config, save_freq=config.epochs)
+        train(config)
+        rows[name] = row(run_dir)
+        print(json.dumps({name: rows[name]}), flush=True)
+    return {"minutes": args.minutes, "methods": rows, "markdown": markdown(rows)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(tyro.cli(Args))))
