@@ -93,3 +93,11 @@ def test_sample_command_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
     cli.main(["sample", "--prompts", "a cat", "a dog", "--num-inference-steps", "3", "--out", str(out)])
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_the_learned_shapes_reward_is_judged_by_the_verifiable_one():
+    from diffalign.config import RewardConfig
+
+    assert RewardConfig(name="shapes_learned").gold_name == "shapes"
+    assert RewardConfig(name="shapes_learned", gold="brightness").gold_name == "brightness"
+    assert RewardConfig(name="shapes").gold_name is None

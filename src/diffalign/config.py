@@ -121,7 +121,8 @@ class RewardConfig:
     are converted to the types the reward declares."""
     gold: str | None = None
     """A second registered reward the run is judged by but not trained on (reward-hacking curves): logged per
-    epoch as reward/gold_mean on the training samples and in every evaluation."""
+    epoch as reward/gold_mean on the training samples and in every evaluation. Training on the learned ShapesWorld
+    reward (shapes_learned) without one, the verifiable `shapes` reward is the gold."""
     gold_kwargs: dict[str, str] = field(default_factory=dict)
     """Keyword arguments of the gold reward's constructor."""
     async_scoring: bool = True
@@ -151,8 +152,13 @@ class RewardConfig:
         from diffalign import rewards
 
         reward = rewards.get(self.name, device=device, **self.kwargs)
-        gold = rewards.get(self.gold, device=device, **self.gold_kwargs) if self.gold else None
+        gold = rewards.get(self.gold_name, device=device, **self.gold_kwargs) if self.gold_name else None
         return reward, gold
+
+    @property
+    def gold_name(self) -> str | None:
+        """The gold reward: ``gold``, or ``shapes`` when training on ``shapes_learned`` without one."""
+        return self.gold or ("shapes" if self.name == "shapes_learned" else None)
 
 
 @dataclass

@@ -312,7 +312,7 @@ def train(config: Config) -> TrainResult:
             if accelerator.is_main_process:
                 record.update({f"eval/{k}": v for k, v in evaluate(config, policy, judges, eval_sets).metrics.items()})
         record = {k: (float(f"{v:.8g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
-        progress.set_postfix(reward=f"{record['reward/mean']:.4g}", kl=f"{record.get('policy/approx_kl', 0):.2g}")
+        progress.set_postfix(reward=f"{record['reward/mean']:.4g}", kl_to_base=f"{record.get('kl/to_base', 0):.2g}")
         if config.log_with != "none":
             accelerator.log(record, step=epoch)
         if run is not None:
