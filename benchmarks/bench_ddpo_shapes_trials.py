@@ -8,7 +8,10 @@ before and after on the preset's fixed train and held-out captions. Per variant 
   ``reward_slope_per_100``: the least-squares slope of the per-epoch training reward, per 100 epochs;
 - ``heldout_base`` → ``heldout_final`` and ``train_base`` → ``train_final``: strict accuracy on fixed captions;
 - ``drift``: ``train/weight_drift`` at the end; ``kl``: mean ``kl/to_base`` over the last 10 % of epochs;
-- ``zero_groups``: mean ``train/zero_advantage_groups``; ``minutes``: wall time of the run.
+- ``zero_groups``: mean ``train/zero_advantage_groups``; ``minutes``: wall time of the run;
+- ``vs_placebo``: when the ``placebo`` variant ran too, the mean over the second half of the epochs of this run's
+  training reward minus the placebo's at the same epoch (every variant draws the same captions and noise seeds in
+  the same epoch, so the difference is paired; ± its standard error over those epochs).
 
 Prints one JSON object (``{"variants": {...}, "markdown": "..."}``); the run folders stay in ``--out``.
 
@@ -87,10 +90,28 @@ def summarise(run_dir: Path) -> dict:
     }
 
 
+def paired_gain(run_dir: Path, control_dir: Path) -> tuple[float, float]:
+    """Mean and standard error, over the second half of the epochs, of the per-epoch training-reward difference
+    between two runs that drew the same captions and seeds (``run_dir`` minus ``control_dir``)."""
+    def rewards(path: Path) -> list[float]:
+        return [json.loads(line)["reward/mean"] for line in (path / "metrics.jsonl").read_text().splitlines() if line]
+
+    a, b = rewards(run_dir), rewards(control_dir)
+    n = min(len(a), len(b))
+    diffs = [x - y for x, y in zip(a[n // 2 : n], b[n // 2 : n])]
+    mean = _mean(diffs)
+    spread = (sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) ** 0.5
+    return round(mean, 4), round(spread / max(len(diffs), 1) ** 0.5, 4)
+
+
 def markdown(rows: dict[str, dict]) -> str:
-    head = ("| variant | reward first → last 10 % | slope /100 ep | train strict | held-out strict | drift | KL | "
-            "zero groups | min |\n|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {name} | {r['reward_first']} → {r['reward_last']} | {r['reward_slope_per_100']:+} | "
+    head = ("| variant | reward first → last 10 % | slope /100 ep | vs placebo | train strict | held-out strict | "
+            "drift | KL | zero groups | min |\n|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def versus(r: dict) -> str:
+        return f"{r['vs_placebo'][0]:+.3f} ± {r['vs_placebo'][1]:.3f}" if "vs_placebo" in r else "—"
+
+    lines = [f"| {name} | {r['reward_first']} → {r['reward_last']} | {r['reward_slope_per_100']:+} | {versus(r)} | "
              f"{r['train_base']:.3f} → {r['train_final']:.3f} | {r['heldout_base']:.3f} → {r['heldout_final']:.3f} | "
              f"{r['drift']:.4f} | {r['kl']:.2e} | {r['zero_groups']} | {r['minutes']} |" for name, r in rows.items()]
     return head + "\n".join(lines)
@@ -115,6 +136,9 @@ def main(args: Args) -> dict:
         rows[name] = {**summarise(run_dir), "minutes": round((time.perf_counter() - start) / 60, 1),
                       "changes": {k: str(v) for k, v in {**VARIANTS[name], **extra}.items()}}
         print(json.dumps({name: rows[name]}), flush=True)
+    if "placebo" in rows:
+        for name in rows:
+            rows[name]["vs_placebo"] = paired_gain(Path(args.out) / name, Path(args.out) / "placebo")
     return {"variants": rows, "markdown": markdown(rows)}
 
 

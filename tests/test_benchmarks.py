@@ -56,7 +56,13 @@ def test_trials_table_summarises_a_run_folder(tmp_path):
     assert row["reward_first"] == pytest.approx(0.505) and row["reward_last"] == pytest.approx(0.685)
     assert row["reward_slope_per_100"] == pytest.approx(1.0) and row["drift"] == pytest.approx(0.19)
     assert row["heldout_final"] == 0.3 and row["zero_groups"] == 0.25
-    assert "| x | 0.505 → 0.685 | +1.0 |" in bench.markdown({"x": {**row, "minutes": 1.0}})
+    assert "| x | 0.505 → 0.685 | +1.0 | — |" in bench.markdown({"x": {**row, "minutes": 1.0}})
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "metrics.jsonl").write_text("".join(json.dumps({"reward/mean": r - 0.1 * (e % 2)}) + "\n"
+                                                   for e, r in enumerate(rewards)))
+    mean, error = bench.paired_gain(tmp_path, control)  # differences 0, .1, 0, .1, ... over epochs 10..19
+    assert mean == pytest.approx(0.05) and error == pytest.approx(0.0527 / 10**0.5, abs=1e-3)
     assert set(bench.VARIANTS) >= {"reference", "placebo", "no_last_two_steps", "epsilon_weighting"}
 
 
