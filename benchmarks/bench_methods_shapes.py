@@ -1,7 +1,8 @@
 """Methods compared on ShapesWorld under one wall-clock budget: each preset trains for ``--minutes`` of training
 time (sampling, reward and updates; evaluation excluded) and is judged on the same fixed captions and seeds.
 
-Per method: held-out and train strict accuracy (base → final), the trained-on (proxy) reward's and the gold
+Per method: held-out and train strict accuracy (base → final; by the gold reward when the trained-on one is a
+learned proxy without a strict flag), the trained-on (proxy) reward's and the gold
 reward's evaluation means, per-prompt diversity, KL to the base model (mean of the last 10 % of epochs), weight
 drift, epochs and samples used. Prints one JSON object with a markdown table; the run folders stay in ``--out``.
 
@@ -30,6 +31,11 @@ class Args:
     """Where the run folders go."""
 
 
+def _strict(metrics: dict, split: str) -> float | None:
+    """Strict accuracy by the trained-on reward, or by the gold reward when only the gold one has a strict flag."""
+    return metrics.get(f"{split}_strict_accuracy", metrics.get(f"{split}_gold_strict_accuracy"))
+
+
 def row(run_dir: Path) -> dict:
     """The table row of a finished run folder."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -39,12 +45,12 @@ def row(run_dir: Path) -> dict:
     k = max(1, len(records) // 10)
     kl = [r["kl/to_base"] for r in records[-k:] if "kl/to_base" in r]
     return {
-        "algorithm": summary["algorithm"], "reward": summary["reward"], "gold": config["reward"]["gold"],
+        "algorithm": summary["algorithm"], "reward": summary["reward"], "gold_reward": config["reward"]["gold"],
         "epochs": summary["epochs"],
         "samples": summary["epochs"] * config["sample"]["batch_size_per_device"]
         * config["sample"]["num_batches_per_epoch"],
-        "heldout_strict": [base.get("heldout_strict_accuracy"), final.get("heldout_strict_accuracy")],
-        "train_strict": [base.get("train_strict_accuracy"), final.get("train_strict_accuracy")],
+        "heldout_strict": [_strict(base, "heldout"), _strict(final, "heldout")],
+        "train_strict": [_strict(base, "train"), _strict(final, "train")],
         "proxy": [base.get("heldout_reward_mean"), final.get("heldout_reward_mean")],
         "gold": [base.get("heldout_gold_mean"), final.get("heldout_gold_mean")],
         "diversity": [base.get("diversity_diversity"), final.get("diversity_diversity")],
