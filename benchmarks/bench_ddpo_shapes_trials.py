@@ -59,7 +59,8 @@ class Args:
     out: str = "runs/trials"
     """Where the run folders go."""
     extra: dict[str, str] = field(default_factory=dict)
-    """Changes applied to every variant (dotted field → value as JSON, e.g. method.min_timestep 101)."""
+    """Changes applied to every variant, as pairs of dotted field and JSON value after one flag:
+    --extra method.min_timestep 101 train.learning_rate 6e-4 (a second --extra replaces the first)."""
 
 
 def _mean(values: list[float]) -> float:
