@@ -33,5 +33,5 @@ class _Acc:  # the two things epoch_prompts_and_seeds reads
 
 prompts = [epoch_prompts_and_seeds(config, __import__("diffalign.prompts").prompts.get(config.prompts), e, _Acc)[0]
            for e in range(2)]
-(out / f"rank{rank}.json").write_text(json.dumps({"buffers": result.algorithm.tracker.state_dict()["buffers"],
+(out / f"rank{rank}.json").write_text(json.dumps({"buffers": result.algorithm.normaliser.tracker.state_dict()["buffers"],
                                                   "prompts": prompts}))

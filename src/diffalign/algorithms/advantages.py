@@ -73,6 +73,26 @@ def zero_advantage_fraction(advantages: torch.Tensor, prompts: Sequence[str], at
     return sum(bool((values[rows] <= atol).all()) for rows in groups.values()) / max(len(groups), 1)
 
 
+class RewardNormaliser:
+    """Advantages ``[B]`` of gathered rewards as an :class:`AdvantageConfig` says (tracker or whole batch, and the
+    placebo permutation), with the tracker's state for checkpoints; methods that normalise rewards hold one."""
+
+    def __init__(self, config: AdvantageConfig):
+        self.config = config
+        self.tracker = config.tracker()
+
+    def __call__(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        advantages = normalise(rewards, prompts, self.tracker)
+        return shuffle_within_groups(advantages, prompts, generator) if self.config.placebo else advantages
+
+    def state_dict(self) -> dict:
+        return {"stat_tracker": None if self.tracker is None else self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.tracker is not None and state.get("stat_tracker") is not None:
+            self.tracker.load_state_dict(state["stat_tracker"])
+
+
 class PerPromptStatTracker:
     """Per-prompt reward normalisation (DDPO ``stat_tracking.PerPromptStatTracker``).
 

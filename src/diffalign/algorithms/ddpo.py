@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from diffalign.algorithms.advantages import AdvantageConfig, normalise, shuffle_within_groups
+from diffalign.algorithms.advantages import AdvantageConfig, RewardNormaliser
 from diffalign.algorithms.base import Algorithm, MethodConfig, shuffled_transitions
 from diffalign.models.policy import Policy
 from diffalign.rollout import StepSettings, Transitions, transition_log_prob
@@ -104,11 +104,10 @@ class DDPO(Algorithm):
 
     def __init__(self, config: DDPOConfig, settings: StepSettings, reward=None):
         super().__init__(config, settings, reward)
-        self.tracker = config.advantages.tracker()
+        self.normaliser = RewardNormaliser(config.advantages)
 
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        advantages = normalise(rewards, prompts, self.tracker)
-        return shuffle_within_groups(advantages, prompts, generator) if self.config.advantages.placebo else advantages
+        return self.normaliser(rewards, prompts, generator)
 
     def minibatches(self, rollout, targets, plan, generator_for):
         return shuffled_transitions(rollout, targets, plan, generator_for, self.config.num_inner_epochs,
@@ -130,8 +129,7 @@ class DDPO(Algorithm):
                              self.config.adv_clip_max, self.step_weights(policy, batch.t))
 
     def state_dict(self) -> dict:
-        return {"stat_tracker": None if self.tracker is None else self.tracker.state_dict()}
+        return self.normaliser.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if self.tracker is not None and state.get("stat_tracker") is not None:
-            self.tracker.load_state_dict(state["stat_tracker"])
+        self.normaliser.load_state_dict(state)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.algorithms.advantages import AdvantageConfig, normalise, shuffle_within_groups
+from diffalign.algorithms.advantages import AdvantageConfig, RewardNormaliser
 from diffalign.algorithms.base import Algorithm, MethodConfig, shuffled_transitions
 from diffalign.models.policy import Policy
 from diffalign.rollout import StepSettings, Transitions, kl_to_reference, transition_log_prob
@@ -78,11 +78,10 @@ class Reinforce(Algorithm):
 
     def __init__(self, config: ReinforceConfig, settings: StepSettings, reward=None):
         super().__init__(config, settings, reward)
-        self.tracker = config.advantages.tracker()
+        self.normaliser = RewardNormaliser(config.advantages)
 
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        advantages = normalise(rewards, prompts, self.tracker)
-        return shuffle_within_groups(advantages, prompts, generator) if self.config.advantages.placebo else advantages
+        return self.normaliser(rewards, prompts, generator)
 
     def minibatches(self, rollout, targets, plan, generator_for):
         return shuffled_transitions(rollout, targets, plan, generator_for, 1, self.config.timestep_fraction)
@@ -94,8 +93,7 @@ class Reinforce(Algorithm):
         return reinforce_loss(step.log_prob, batch.advantages, self.config.adv_clip_max, kl, self.config.kl_coef)
 
     def state_dict(self) -> dict:
-        return {"stat_tracker": None if self.tracker is None else self.tracker.state_dict()}
+        return self.normaliser.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if self.tracker is not None and state.get("stat_tracker") is not None:
-            self.tracker.load_state_dict(state["stat_tracker"])
+        self.normaliser.load_state_dict(state)
