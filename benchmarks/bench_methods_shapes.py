@@ -7,6 +7,10 @@ reward's evaluation means, per-prompt diversity, KL to the base model (mean of t
 drift, epochs and samples used. Prints one JSON object with a markdown table; the run folders stay in ``--out``.
 
     python benchmarks/bench_methods_shapes.py --presets ddpo-shapes raft-shapes draft-shapes --minutes 10
+
+A preset name may carry settings after ``@`` (dotted keys, comma-separated), compared as its own row:
+
+    python benchmarks/bench_methods_shapes.py --presets draft-shapes draft-shapes@train.learning_rate=3e-3
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @dataclass
 class Args:
     presets: tuple[str, ...] = ("ddpo-shapes", "raft-shapes", "draft-shapes")
-    """Presets to compare (each runs its own method and settings)."""
+    """Presets to compare (each runs its own method and settings), optionally ``name@key=value,key=value``."""
     minutes: float = 10.0
-    """Training minutes per method."""
+    """Training minutes per method (unless --epochs is given)."""
+    epochs: int | None = None
+    """Train every method for this many epochs instead (the same sample budget when the presets sample alike)."""
+    eval_freq: int = 0
+    """Evaluate every this many epochs as well (for comparisons at matched reward); 0: before and after only."""
     out: str = "runs/methods"
     """Where the run folders go."""
 
@@ -34,6 +42,13 @@ class Args:
 def _strict(metrics: dict, split: str) -> float | None:
     """Strict accuracy by the trained-on reward, or by the gold reward when only the gold one has a strict flag."""
     return metrics.get(f"{split}_strict_accuracy", metrics.get(f"{split}_gold_strict_accuracy"))
+
+
+def _point(metrics: dict) -> dict:
+    """One evaluation's reward means, strict accuracies and diversity."""
+    keys = ("heldout_reward_mean", "train_reward_mean", "heldout_gold_mean", "diversity_diversity")
+    return {**{k: metrics.get(k) for k in keys}, "heldout_strict": _strict(metrics, "heldout"),
+            "train_strict": _strict(metrics, "train")}
 
 
 def row(run_dir: Path) -> dict:
@@ -55,6 +70,10 @@ def row(run_dir: Path) -> dict:
         "gold": [base.get("heldout_gold_mean"), final.get("heldout_gold_mean")],
         "diversity": [base.get("diversity_diversity"), final.get("diversity_diversity")],
         "kl": sum(kl) / len(kl) if kl else None,
+        "evaluations": [{"epoch": 0, **_point(base)}]
+        + [{"epoch": r["epoch"] + 1, **_point({k[5:]: v for k, v in r.items() if k.startswith("eval/")})}
+           for r in records if any(k.startswith("eval/") for k in r)]
+        + [{"epoch": summary["epochs"], **_point(final)}],
         "drift": records[-1].get("train/weight_drift") if records else None,
     }
 
@@ -76,20 +95,39 @@ def markdown(rows: dict[str, dict]) -> str:
     return head + "\n".join(lines)
 
 
-def main(args: Args) -> dict:
+def variant(name: str):
+    """The config a ``preset@key=value,...`` name stands for (values parsed as JSON where they parse)."""
     from diffalign.config import preset, replace
+
+    base, _, settings = name.partition("@")
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{name!r}: expected key=value after '@', got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return replace(preset(base), **overrides)
+
+
+def main(args: Args) -> dict:
+    from diffalign.config import replace
     from diffalign.train.loop import train
 
     rows = {}
     for name in args.presets:
-        run_dir = Path(args.out) / name
-        config = replace(preset(name), run_dir=str(run_dir), log_with="none", time_budget_minutes=args.minutes,
-                         epochs=100_000, **{"eval.freq": 0})
+        run_dir = Path(args.out) / name.replace("@", "_").replace(",", "_").replace("=", "-")
+        budget = {"epochs": args.epochs} if args.epochs else {"epochs": 100_000, "time_budget_minutes": args.minutes}
+        config = replace(variant(name), run_dir=str(run_dir), log_with="none", **budget,
+                         **{"eval.freq": args.eval_freq})
         config = replace(config, save_freq=config.epochs)
         train(config)
         rows[name] = row(run_dir)
         print(json.dumps({name: rows[name]}), flush=True)
-    return {"minutes": args.minutes, "methods": rows, "markdown": markdown(rows)}
+    return {"minutes": None if args.epochs else args.minutes, "epochs": args.epochs, "methods": rows,
+            "markdown": markdown(rows)}
 
 
 if __name__ == "__main__":

@@ -70,9 +70,9 @@ def test_methods_table_reads_a_run_folder(tmp_path):
     import json
 
     bench = _load("bench_methods_shapes")
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "kl/to_base": 0.1 * e,
-                                                                "train/weight_drift": 0.01 * e}) + "\n"
-                                                    for e in range(10)))
+    records = [{"epoch": e, "kl/to_base": 0.1 * e, "train/weight_drift": 0.01 * e} for e in range(10)]
+    records[4].update({"eval/heldout_strict_accuracy": 0.25, "eval/diversity_diversity": 0.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "summary.json").write_text(json.dumps({
         "algorithm": "draft", "reward": "shapes_learned", "epochs": 10,
         "base": {"heldout_strict_accuracy": 0.2, "heldout_reward_mean": 0.5, "heldout_gold_mean": 0.4},
@@ -82,5 +82,20 @@ def test_methods_table_reads_a_run_folder(tmp_path):
                                                                   "num_batches_per_epoch": 2}}))
     row = bench.row(tmp_path)
     assert row["samples"] == 640 and row["kl"] == pytest.approx(0.9) and row["drift"] == pytest.approx(0.09)
+    assert [(p["epoch"], p["heldout_strict"]) for p in row["evaluations"]] == [(0, 0.2), (5, 0.25), (10, 0.3)]
+    assert row["evaluations"][1]["diversity_diversity"] == 0.2
+    assert bench.variant("draft-shapes@train.learning_rate=3e-3,method.truncation=1").train.learning_rate == 3e-3
+    with pytest.raises(ValueError, match="key=value"):
+        bench.variant("draft-shapes@oops")
     table = bench.markdown({"draft-shapes": row})
     assert "| draft-shapes | 0.200 → 0.300 | — → — | 0.500 → 0.700 | 0.400 → 0.450 | — → — | 0.9 | 0.0900 | 10 | 640 |" in table
+
+
+def test_steering_table_counts_compute_per_image():
+    bench = _load("bench_steering_shapes")
+    result = bench.main(bench.Args(methods=("best-of-n", "svdd"), particles=(2,), captions=2, chunk=2))
+    rows = {(r["method"], r["k"]): r for r in result["rows"]}
+    assert rows[("base", 1)]["denoiser_passes_per_image"] == 40  # 20 guided steps, 2 rows each
+    assert rows[("best-of-n", 2)]["denoiser_passes_per_image"] == 80
+    assert rows[("svdd", 2)]["denoiser_passes_per_image"] == 78  # x_T once, 19 steps × 2 candidates, 2 rows
+    assert rows[("best-of-n", 2)]["reward_calls_per_image"] == 2 and "| svdd | 2 |" in result["markdown"]

@@ -89,10 +89,47 @@ def test_config_defaults_are_ddpos():
     assert (c.sample.eta, c.sample.guidance_scale, c.train.learning_rate, c.method.adv_clip_max) == (1.0, 5.0, 3e-4, 5)
 
 
-def test_sample_command_writes_a_grid(tmp_path):
-    out = tmp_path / "grid.png"
-    cli.main(["sample", "--prompts", "a cat", "a dog", "--num-inference-steps", "3", "--out", str(out)])
-    assert out.is_file() and out.stat().st_size > 0
+def test_sample_command_writes_the_images_and_what_they_cost(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffalign.images import to_uint8
+    from diffalign.models import load_policy
+    from diffalign.rollout import StepSettings, sample, sample_seed
+
+    out = tmp_path / "plain"
+    cli.main(["sample", "--prompt", "a cat", "a dog", "--num-inference-steps", "3", "--reward", "brightness",
+              "--seed", "7", "--out", str(out)])
+    record = json.loads((out / "sample.json").read_text())
+    # 2 images × 3 steps × a guided pass (2 rows); one reward call per image
+    assert (record["denoiser_passes"], record["reward_calls"], len(record["rewards"])) == (12, 2, 2)
+    expected = sample(load_policy("tiny"), ["a cat", "a dog"], [sample_seed(7, 0, i) for i in range(2)],
+                      StepSettings(num_inference_steps=3, guidance_scale=5.0, eta=1.0)).images
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:04d}.png")), to_uint8(expected)[i].numpy())
+    assert (out / "grid.png").is_file()
+
+
+# One caption, 2 particles, 3 guided steps (2 rows per pass): 12 passes; SVDD's first step evaluates the single
+# x_T and its last step's candidates are x_0: 2 + 2 steps × 2 candidates × 2 rows.
+@pytest.mark.parametrize("steer, passes", [("best-of-n", 12), ("fk", 12), ("svdd", 10), ("guidance", 12)])
+def test_sample_command_steers(tmp_path, steer, passes):
+    out = tmp_path / steer
+    cli.main(["sample", "--model", "tiny", "--steer", steer, "--particles", "2", "--prompt", "a cat",
+              "--reward", "brightness", "--num-inference-steps", "3", "--out", str(out)])
+    record = json.loads((out / "sample.json").read_text())
+    assert record["steer"] == steer and record["steering"]["particles"] == 2 and len(record["rewards"]) == 1
+    assert record["denoiser_passes"] == passes and record["reward_calls"] >= 2 and (out / "0000.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steer", "fk"], "needs --reward"),
+    (["--steer", "svdd", "--reward", "brightness", "--eta", "0"], "eta > 0"),
+    (["--steer", "guidance", "--reward", "jpeg_compressibility"], "not differentiable"),
+])
+def test_sample_command_refuses_bad_steering(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["sample", "--prompt", "a cat", "--num-inference-steps", "2", "--out", str(tmp_path), *args])
 
 
 def test_the_learned_shapes_reward_is_judged_by_the_verifiable_one():

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ def _config_validate(args: list[str]) -> None:
 def _sampler_defaults():
     from diffalign.config import SamplerConfig
 
-    return SamplerConfig(num_inference_steps=20, eta=0.0, guidance_scale=5.0)
+    return SamplerConfig(num_inference_steps=20, eta=1.0, guidance_scale=5.0)
+
+
+STEER_CHOICES = ("none", "best-of-n", "fk", "svdd", "guidance")
 
 
 def _sample_args_class():
@@ -103,9 +106,12 @@ def _sample_args_class():
 
     @dataclass
     class SampleArgs:
-        """Generate a grid of images, one per prompt and seed."""
+        """Generate images, one per prompt and seed, optionally steered by a reward at test time.
 
-        prompts: tuple[str, ...]
+        Writes DIR/0000.png, … (one per image), DIR/grid.png and DIR/sample.json (the settings, per-image rewards
+        and the compute spent: reward_calls, denoiser_passes, gradient_passes)."""
+
+        prompts: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--prompt",))]
         """Prompts to sample."""
         model: str = "tiny"
         """Model: 'tiny', 'shapes', a pipeline folder or a hub id."""
@@ -116,32 +122,94 @@ def _sample_args_class():
         """Seed of the first image; image i uses the seed of sample i of epoch 0."""
         images_per_prompt: int = 1
         """Images generated for each prompt."""
-        out: str = "samples.png"
-        """Where the grid PNG is written."""
+        out: str = "samples"
+        """Folder the images, grid.png and sample.json are written to."""
+        steer: Literal[STEER_CHOICES] = "none"  # type: ignore[valid-type]
+        """Test-time steering method (needs --reward): best-of-n, fk, svdd or guidance."""
+        particles: int = 4
+        """Steering width: samples (best-of-n, guidance), particles (fk) or candidates per step (svdd)."""
+        reward: str | None = None
+        """Registered reward that steers (and scores) the images."""
+        potential: str = "diff"
+        """fk: potential (diff, max, add, rt)."""
+        lam: float = 10.0
+        """fk: λ, the potential's inverse temperature."""
+        resample_every: int = 5
+        """fk: steps between resampling steps (the first at this step)."""
+        temperature: float = 0.0
+        """svdd: α of the candidate weights (0: argmax)."""
+        gradient_scale: float = 1.0
+        """guidance: step size on the reward's gradient."""
+        repeats: int = 1
+        """guidance: times each step is taken (re-noising in between)."""
 
     return SampleArgs
 
 
+def _steering_config(parsed):
+    from diffalign.steering import BestOfNConfig, FKConfig, GuidanceConfig, SVDDConfig
+
+    k = parsed.particles
+    return {"best-of-n": lambda: BestOfNConfig(k),
+            "fk": lambda: FKConfig(k, parsed.potential, parsed.lam, parsed.resample_every, parsed.resample_every),
+            "svdd": lambda: SVDDConfig(k, parsed.temperature),
+            "guidance": lambda: GuidanceConfig(k, parsed.gradient_scale, parsed.repeats)}[parsed.steer]()
+
+
 def _sample(args: list[str]) -> Path:
+    import dataclasses
+
     import tyro
+    from PIL import Image
 
+    from diffalign import rewards
     from diffalign.evaluate.plots import image_grid
+    from diffalign.images import to_uint8
     from diffalign.models import load_policy
-    from diffalign.rollout import sample, sample_seed
+    from diffalign.steering import Meter, steerer
+    from diffalign.steering.base import Particles, propagate
 
-    parsed = tyro.cli(_sample_args_class(), args=args, prog="diffalign sample")
+    prog = "diffalign sample"
+    parsed = tyro.cli(_sample_args_class(), args=args, prog=prog)
+    settings = parsed.sampler.settings()
     errors = parsed.sampler.validate()
+    if parsed.steer != "none" and parsed.reward is None:
+        errors.append(f"--steer {parsed.steer} needs --reward NAME (one of {', '.join(rewards.names())})")
+    if parsed.reward is not None and parsed.reward not in rewards.names():
+        errors.append(f"--reward {parsed.reward!r} is not registered; choose one of {', '.join(rewards.names())}")
+    config = _steering_config(parsed) if parsed.steer != "none" else None
+    if config is not None:
+        errors += config.validate(settings, None)
     if errors:
-        raise SystemExit("diffalign sample: invalid settings:\n  - " + "\n  - ".join(errors))
+        raise SystemExit(f"{prog}: invalid settings:\n  - " + "\n  - ".join(errors))
     policy = load_policy(parsed.model)
     if parsed.lora:
         _load_lora_into(policy, parsed.lora)
+    reward = rewards.get(parsed.reward, device=policy.device) if parsed.reward else None
+    if config is not None and config.validate(settings, reward):
+        raise SystemExit(f"{prog}: invalid settings:\n  - " + "\n  - ".join(config.validate(settings, reward)))
     prompts = [p for p in parsed.prompts for _ in range(parsed.images_per_prompt)]
-    seeds = [sample_seed(parsed.seed, 0, i) for i in range(len(prompts))]
-    rollout = sample(policy, prompts, seeds, parsed.sampler.settings())
-    image_grid(rollout.images, prompts).save(parsed.out)
-    print(f"wrote {parsed.out}")
-    return Path(parsed.out)
+    if config is not None:
+        result = steerer(parsed.steer).run(policy, prompts, reward, settings, config, parsed.seed)
+        images, scores, meter = result.images, result.rewards, result
+    else:
+        meter = Meter()
+        images = policy.decode(propagate(policy, Particles.of(prompts, 1, parsed.seed), settings, meter))
+        scores = meter.score(reward, images, prompts) if reward is not None else None
+    out = Path(parsed.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(to_uint8(images).numpy()):
+        Image.fromarray(array).save(out / f"{i:04d}.png")
+    image_grid(images, prompts).save(out / "grid.png")
+    record = {"model": parsed.model, "lora": parsed.lora, "seed": parsed.seed,
+              "sampler": dataclasses.asdict(parsed.sampler), "steer": parsed.steer,
+              "steering": dataclasses.asdict(config) if config else None, "reward": parsed.reward, "prompts": prompts,
+              "rewards": None if scores is None else scores.detach().cpu().tolist(),
+              "reward_calls": meter.reward_calls, "denoiser_passes": meter.denoiser_passes,
+              "gradient_passes": meter.gradient_passes}
+    (out / "sample.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {len(prompts)} images, grid.png and sample.json to {out}")
+    return out
 
 
 def _load_lora_into(policy, folder: str) -> None:
@@ -204,7 +272,7 @@ def _pretrain(what: str) -> Callable[[list[str]], Path]:
 COMMANDS = [
     Command("train", "train a model with a method (--algorithm NAME, --preset NAME; see `diffalign train --help`)",
             _train),
-    Command("sample", "generate an image grid from a model (optionally with a trained LoRA)", _sample),
+    Command("sample", "generate images from a model (optionally with a trained LoRA, steered by a reward)", _sample),
     Command("config show", "print the resolved config as JSON (same flags as train)", _config_show),
     Command("config validate", "check a config and list every problem", _config_validate),
     Command("reward-server", "serve a registered reward over HTTP", _reward_server),

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from diffalign.algorithms import ALGORITHMS, MethodConfig, algorithm_name
+from diffalign.algorithms.actor_critic import ActorCriticConfig
 from diffalign.algorithms.advantages import AdvantageConfig
 from diffalign.algorithms.ddpo import DDPOConfig
+from diffalign.algorithms.dag import DagConfig
+from diffalign.algorithms.dav import DavConfig
 from diffalign.algorithms.draft import DraftConfig
 from diffalign.algorithms.raft import RaftConfig
 from diffalign.algorithms.reinforce import ReinforceConfig
+from diffalign.algorithms.trpo import TRPOConfig
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.rollout import StepSettings
 
@@ -278,7 +282,7 @@ class Config(Generic[M]):
             errors.append(f"method: {error}")
         else:
             errors += self.method.validate(s.settings())
-            if ALGORITHMS[self.algorithm].needs_differentiable_reward:
+            if self.method.needs_differentiable_reward:
                 errors += self.reward.differentiability_errors(self.algorithm)
         errors += self.reward.validate() + self.eval.validate()
         for check, label in [(lambda: prompts.check(self.prompts), "prompts"),
@@ -371,6 +375,23 @@ def _presets() -> dict[str, Config]:
                             num_batches_per_epoch=1),
         train=TrainConfig(batch_size_per_device=8, gradient_accumulation_steps=4, learning_rate=3e-4),
         method=DraftConfig(truncation=2))
+    # DAV on ShapesWorld: each epoch searches one trajectory for each of 16 train captions (4 children per step,
+    # kept by importance weights), then fits the searched transitions of the noisier half of the steps.
+    dav_shapes = dataclasses.replace(
+        shapes, epochs=60, save_freq=30,
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30, diversity_prompts=8),
+        sample=SampleConfig(num_inference_steps=20, guidance_scale=3.0, batch_size_per_device=16,
+                            num_batches_per_epoch=1),
+        train=TrainConfig(batch_size_per_device=16, gradient_accumulation_steps=1, learning_rate=1e-3),
+        method=DavConfig(children=4, timestep_fraction=0.5))
+    # DAG on ShapesWorld: the demo's sampling (4 captions × 8 samples); a quarter of each trajectory's transitions
+    # trained per epoch (each costs two decodes and two reward calls); β reaches the reference's 100 at mid-run.
+    dag_shapes = dataclasses.replace(
+        shapes, epochs=60, save_freq=30, train=dataclasses.replace(shapes.train, learning_rate=3e-4),
+        eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30, diversity_prompts=8),
+        method=DagConfig(anneal_epochs=30, timestep_fraction=0.25, flow_channels=(32, 64, 64)))
+    dag_tiny = dataclasses.replace(tiny, eval=dataclasses.replace(tiny.eval, diversity_prompts=2),
+                                   method=DagConfig(anneal_epochs=5, flow_channels=(32, 64)))
     presets = {
         "ddpo-tiny": tiny,
         "ddpo-shapes": shapes,
@@ -383,6 +404,24 @@ def _presets() -> dict[str, Config]:
         "raft-shapes": raft_shapes,
         "draft-tiny": dataclasses.replace(tiny, reward=RewardConfig(name="brightness"), method=DraftConfig()),
         "draft-shapes": draft_shapes,
+        "dag-tiny": dag_tiny,
+        "dag-kl-tiny": dataclasses.replace(dag_tiny, method=dataclasses.replace(dag_tiny.method, klpf=1.0)),
+        "dag-shapes": dag_shapes,
+        "dag-kl-shapes": dataclasses.replace(dag_shapes, method=dataclasses.replace(dag_shapes.method, klpf=1.0)),
+        "dav-tiny": dataclasses.replace(tiny, method=DavConfig(children=2)),
+        "dav-shapes": dav_shapes,
+        "trpo-tiny": dataclasses.replace(tiny, method=TRPOConfig(cg_iters=5, fisher_fraction=0.5,
+                                                                advantages=AdvantageConfig(min_count=4))),
+        # TRPO on ShapesWorld: the demo's sampling and groups; one natural-gradient step per epoch over half the
+        # steps, its curvature from half of their transitions.
+        "trpo-shapes": dataclasses.replace(shapes, method=TRPOConfig(
+            fisher_fraction=0.5, timestep_fraction=0.5, advantages=AdvantageConfig(min_count=8))),
+        "actor-critic-tiny": dataclasses.replace(tiny, method=ActorCriticConfig(
+            advantages=AdvantageConfig(min_count=4))),
+        # The actor-critic on ShapesWorld: the demo's sampling, groups and schedule, per-step advantages from the
+        # value network and a small KL to the base model.
+        "actor-critic-shapes": dataclasses.replace(shapes, method=ActorCriticConfig(
+            kl_coef=0.01, timestep_fraction=0.5, advantages=AdvantageConfig(min_count=8))),
         # DRaFT-1 with the LAION aesthetic head on SD 1.5 (a GPU run; pass the CLIP and head paths as reward.kwargs)
         "draft-sd15-aesthetic": _ddpo_reference(
             "aesthetic", "simple_animals", epochs=100, method=DraftConfig(truncation=1),

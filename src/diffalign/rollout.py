@@ -52,7 +52,7 @@ def noise_generators(sample_seed_: int) -> tuple[torch.Generator, torch.Generato
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device=None) -> torch.Tensor:
     """x_T ``[B, *shape]`` of the samples seeded ``seeds`` (drawn on the CPU in fp32, then moved)."""
-    return _per_sample_noise([noise_generators(s)[0] for s in seeds], shape, device)
+    return per_sample_noise([noise_generators(s)[0] for s in seeds], shape, device)
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,15 @@ def encode(policy: Policy, prompts: Sequence[str], settings: StepSettings) -> Co
     return Conditioning(policy.encode_prompts(prompts), negative)
 
 
+def guided_output(policy: Policy, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                  settings: StepSettings) -> torch.Tensor:
+    """The denoiser output at x_t ``[b, C, h, w]``, t ``[b]``, with classifier-free guidance when ``settings``
+    guide and the conditioning has negative embeddings."""
+    guided = settings.guided and conditioning.negative_embeds is not None
+    return policy.model_output(x_t, t, conditioning.prompt_embeds, conditioning.negative_embeds if guided else None,
+                               settings.guidance_scale if guided else 1.0)
+
+
 def denoise_step(
     policy: Policy,
     x_t: torch.Tensor,
@@ -107,19 +116,17 @@ def denoise_step(
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
     with_log_prob: bool | None = None,
+    model_output: torch.Tensor | None = None,
 ) -> DDIMStepOutput:
     """One denoising transition x_t ``[b, C, h, w]`` → x_{t-1} at per-sample timesteps ``t`` ``[b]``.
 
     Runs the denoiser (with classifier-free guidance when ``settings`` guide and the conditioning has negative
     embeddings) and takes the DDIM step: pass ``noise`` to draw x_{t-1}, or ``prev_sample`` to score an observed
     one (the log-prob then carries the gradient). The log-prob is computed whenever η > 0 unless
-    ``with_log_prob=False``.
+    ``with_log_prob=False``. ``model_output`` (from :func:`guided_output`) skips the denoiser.
     """
     schedule = policy.schedule
-    guided = settings.guided and conditioning.negative_embeds is not None
-    output = policy.model_output(x_t, t, conditioning.prompt_embeds,
-                                 conditioning.negative_embeds if guided else None,
-                                 settings.guidance_scale if guided else 1.0)
+    output = guided_output(policy, x_t, t, conditioning, settings) if model_output is None else model_output
     return ddim_step(
         output, x_t, t, previous_timestep(t, schedule.num_train_timesteps, settings.num_inference_steps),
         schedule.alphas_cumprod, eta=settings.eta, final_alpha_cumprod=schedule.final_alpha_cumprod,
@@ -140,7 +147,8 @@ class Rollout:
     - ``log_probs`` ``[B, T]``: log π(x_{t-1} | x_t) of each step, reduced over pixels as the settings say;
       None when sampled with η = 0 (a deterministic step has no density)
     - ``means`` ``[B, T, C, h, w]`` (optional): μ_θ of each step; ``stds`` ``[T]`` (with means): σ_t of each step;
-      ``x0_preds`` ``[B, T, C, h, w]`` (optional)
+      ``x0_preds`` ``[B, T, C, h, w]`` (optional); ``outputs`` ``[B, T, C, h, w]`` (optional): the (guided)
+      denoiser output of each step
     - ``images`` ``[B, 3, H, W]`` in [0, 1], decoded from x_0; ``rewards`` ``[B]`` once scored (:meth:`with_rewards`)
     """
 
@@ -155,6 +163,7 @@ class Rollout:
     stds: torch.Tensor | None = None
     x0_preds: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -217,7 +226,8 @@ class Transitions:
 
     ``x_t``, ``x_prev`` ``[b, C, h, w]``; ``t`` ``[b]``; ``log_prob_old`` ``[b]`` (at sampling time; None at
     η = 0); ``conditioning`` of the b samples; ``advantages`` ``[b]``; ``step_index`` ``[b]`` (j);
-    ``mean_old`` ``[b, C, h, w]`` when the rollout recorded means.
+    ``mean_old`` and ``output_old`` ``[b, C, h, w]`` when the rollout recorded means or denoiser outputs;
+    ``prompts`` of the b samples.
     """
 
     x_t: torch.Tensor
@@ -228,6 +238,8 @@ class Transitions:
     advantages: torch.Tensor
     step_index: torch.Tensor
     mean_old: torch.Tensor | None = None
+    output_old: torch.Tensor | None = None
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return self.x_t.shape[0]
@@ -247,6 +259,8 @@ def transitions(rollout: Rollout, rows: torch.Tensor, steps: torch.Tensor, advan
         advantages=advantages[rows] if advantages.ndim == 1 else advantages[rows, steps],
         step_index=steps,
         mean_old=None if rollout.means is None else rollout.means[rows, steps],
+        output_old=None if rollout.outputs is None else rollout.outputs[rows, steps],
+        prompts=[rollout.prompts[i] for i in rows.tolist()],
     )
 
 
@@ -277,7 +291,8 @@ def kl_to_reference(policy: Policy, batch: Transitions, step: DDIMStepOutput, se
     return gaussian_kl(step.mean, ref, step.std, reduction=settings.reduction)
 
 
-def _per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """The next draw ``[rows, *shape]`` of every row's generator (on the CPU in fp32, then moved)."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
@@ -291,6 +306,7 @@ def sample(
     x_T: torch.Tensor | None = None,
     record_means: bool = False,
     record_x0_preds: bool = False,
+    record_outputs: bool = False,
 ) -> Rollout:
     """Samples one trajectory per prompt; sample i's noise comes from the streams of ``seeds[i]``.
 
@@ -309,10 +325,13 @@ def sample(
     timesteps = policy.schedule.timesteps(settings.num_inference_steps).to(device)
 
     x = initial_noise(seeds, shape, device) if x_T is None else x_T.to(device)
-    latents, log_probs, means, stds, x0_preds = [x], [], [], [], []
+    latents, log_probs, means, stds, x0_preds, outputs = [x], [], [], [], [], []
     for t in timesteps:
-        noise = _per_sample_noise(step_generators, shape, device) if settings.eta > 0 else None
-        step = denoise_step(policy, x, t.expand(n), conditioning, settings, noise=noise)
+        noise = per_sample_noise(step_generators, shape, device) if settings.eta > 0 else None
+        output = guided_output(policy, x, t.expand(n), conditioning, settings)
+        step = denoise_step(policy, x, t.expand(n), conditioning, settings, noise=noise, model_output=output)
+        if record_outputs:
+            outputs.append(output)
         x = step.prev_sample
         latents.append(x)
         log_probs.append(step.log_prob)
@@ -333,6 +352,7 @@ def sample(
         means=torch.stack(means, dim=1) if record_means else None,
         stds=torch.stack(stds) if record_means else None,
         x0_preds=torch.stack(x0_preds, dim=1) if record_x0_preds else None,
+        outputs=torch.stack(outputs, dim=1) if record_outputs else None,
     )
 
 

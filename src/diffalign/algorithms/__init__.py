@@ -3,13 +3,18 @@
 ``ALGORITHMS`` maps a method's name to its class; adding a method is a new file and one entry here.
 """
 
+from diffalign.algorithms.actor_critic import ActorCritic
 from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, Minibatching
+from diffalign.algorithms.dag import Dag
+from diffalign.algorithms.dav import Dav
 from diffalign.algorithms.ddpo import DDPO
 from diffalign.algorithms.draft import Draft
 from diffalign.algorithms.raft import Raft
 from diffalign.algorithms.reinforce import Reinforce
+from diffalign.algorithms.trpo import TRPO
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft, Draft)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft, Draft, Dav, Dag, TRPO,
+                                                                   ActorCritic)}
 
 
 def algorithm_name(config: MethodConfig) -> str:

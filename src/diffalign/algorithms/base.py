@@ -7,11 +7,13 @@ A method is a config dataclass (its knobs, with ``validate``) and an :class:`Alg
 - how a batch splits into **minibatches** (:meth:`Algorithm.minibatches`: optimizer steps, each a list of
   micro-batches whose gradients are accumulated),
 - its **loss** on one micro-batch (:meth:`Algorithm.loss`),
-- its extra **trainable modules** (value or flow networks, each with its own learning rate) and its **state**
-  for checkpoints (trackers, coefficients).
+- optionally, an optimizer step it takes itself (:meth:`Algorithm.update`, e.g. a trust-region line search),
+- its extra **trainable modules** (value or flow networks, each with its own learning rate; built in
+  :meth:`Algorithm.attach` when the model sizes them) and its **state** for checkpoints (trackers, coefficients).
 
-Methods that backpropagate through the reward (``needs_differentiable_reward``) receive the reward at
-construction; building one with a non-differentiable reward is an error before anything runs.
+Every method receives the reward at construction (a search scores with it); one whose config backpropagates
+through it (``MethodConfig.needs_differentiable_reward``) given a non-differentiable reward is an error before
+anything runs.
 
 The loop (``diffalign.train.loop``) owns accelerate, gathering across processes, gradient accumulation, clipping,
 checkpoints, logging and evaluation, and never names a method. A method never imports accelerate.
@@ -41,6 +43,11 @@ class MethodConfig:
         """Every problem with these settings for this method, each naming the field, the value and the rule."""
         return []
 
+    @property
+    def needs_differentiable_reward(self) -> bool:
+        """Whether the method, with these settings, backpropagates through the reward."""
+        return False
+
 
 @dataclass
 class ExtraModule:
@@ -64,10 +71,9 @@ class Algorithm:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
-    needs_differentiable_reward: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, settings: StepSettings, reward=None):
-        if self.needs_differentiable_reward and (reward is None or not reward.differentiable):
+        if config.needs_differentiable_reward and (reward is None or not reward.differentiable):
             name = "no reward" if reward is None else f"reward {reward.name!r}, which is not differentiable"
             raise ValueError(f"{self.name} backpropagates through the reward, but was given {name}; choose a "
                              "differentiable one (e.g. shapes_learned, aesthetic, pickscore, clipscore, brightness)")
@@ -75,6 +81,10 @@ class Algorithm:
         self.settings = settings
         self.reward = reward
         self.modules: dict[str, ExtraModule] = {}
+
+    def attach(self, policy: Policy) -> None:
+        """Called once with the policy before training (before the optimizer and any checkpoint): methods whose
+        extra modules are sized by the model (its latents, its text embeddings) add them to ``modules`` here."""
 
     def collect(self, policy: Policy, prompts: Sequence[str], seeds: Sequence[int]) -> Rollout:
         """One sampling batch of trajectories (no rewards yet). Default: plain rollouts."""
@@ -93,6 +103,16 @@ class Algorithm:
     def loss(self, policy: Policy, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The scalar loss of one micro-batch (to be averaged over the step's micro-batches) and its metrics."""
         raise NotImplementedError
+
+    def update(self, policy: Policy, params: list[nn.Parameter], group: list,
+               mean_over_processes: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float] | None:
+        """Optional: the method takes this optimizer step itself — sets ``params`` (the trainable weights the loop
+        would clip and step) from the micro-batches ``group`` — and returns its metrics; the loop then skips
+        backward, clipping and ``optimizer.step`` for it. For methods whose step is not a gradient step (TRPO's
+        line search). ``mean_over_processes`` averages a tensor over the processes, so that every process takes
+        the same step; the loop calls this with gradient synchronisation off and under its autocast.
+        Default: None, the loop's gradient step on :meth:`loss`."""
+        return None
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Called after every optimizer step (adaptive coefficients); returns metrics to log."""

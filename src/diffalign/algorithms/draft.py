@@ -43,6 +43,10 @@ class DraftConfig(MethodConfig):
     checkpointing: bool = True
     """Recompute each step's activations during the backward pass (memory grows with K by one latent per step)."""
 
+    @property
+    def needs_differentiable_reward(self) -> bool:
+        return True
+
     def validate(self, settings: StepSettings | None = None) -> list[str]:
         errors = []
         if self.truncation < 1:
@@ -84,7 +88,6 @@ class Draft(Algorithm):
     name = "draft"
     config_class = DraftConfig
     config: DraftConfig
-    needs_differentiable_reward = True
 
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         return rewards  # logged only: the gradient comes from the reward itself

@@ -96,7 +96,8 @@ def ddim_step(
     """One DDIM step x_t → x_{t-1} for per-sample timesteps ``t`` and ``t_prev`` (``[B]`` or scalars).
 
     Pass ``noise`` (z ~ N(0, I), shape of ``x_t``) to draw x_{t-1} = μ + σ_t z, or ``prev_sample`` to score an
-    observed x_{t-1}; the log-prob's gradient flows through μ only. ``t_prev < 0`` uses ``final_alpha_cumprod``.
+    observed x_{t-1}; the log-prob's gradient flows through μ only. With neither (and ``with_log_prob=False``)
+    the step is only evaluated: ``prev_sample`` is the mean. ``t_prev < 0`` uses ``final_alpha_cumprod``.
     With ``eta = 0`` the step is deterministic and has no density: asking for a log-prob is an error.
     """
     if noise is not None and prev_sample is not None:
@@ -108,8 +109,8 @@ def ddim_step(
             "ddim_step: eta = 0 makes the DDIM step deterministic (σ_t = 0), so it has no log-prob; "
             "use eta > 0 (DDPO uses 1.0) or with_log_prob=False"
         )
-    if eta > 0 and noise is None and prev_sample is None:
-        raise ValueError("ddim_step: a stochastic step (eta > 0) needs noise or prev_sample")
+    if eta > 0 and noise is None and prev_sample is None and with_log_prob:
+        raise ValueError("ddim_step: a stochastic step (eta > 0) needs noise or prev_sample to have a log-prob")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"ddim_step: reduction must be 'mean' or 'sum', got {reduction!r}")
 
@@ -152,9 +153,14 @@ def ddim_step(
         prev_sample = mean if noise is None else mean + std * noise.float()
     prev_sample = prev_sample.float().detach()
 
-    log_prob = None
-    if with_log_prob:
-        log_density = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI
-        dims = tuple(range(1, x_t.ndim))
-        log_prob = log_density.mean(dim=dims) if reduction == "mean" else log_density.sum(dim=dims)
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction) if with_log_prob else None
     return DDIMStepOutput(prev_sample.to(dtype), mean, std, x0, log_prob)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      reduction: Reduction = "mean") -> torch.Tensor:
+    """log N(x; μ, σ²I) ``[B]`` of samples ``[B, ...]``, reduced over pixels (``"mean"`` or ``"sum"``); σ > 0
+    broadcasts to ``x``. The gradient flows through ``mean`` (and ``x`` if it has one)."""
+    log_density = -((x.float() - mean) ** 2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI
+    dims = tuple(range(1, x.ndim))
+    return log_density.mean(dim=dims) if reduction == "mean" else log_density.sum(dim=dims)

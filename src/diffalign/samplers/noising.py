@@ -97,6 +97,40 @@ def gaussian_kl(
     return _reduce(kl, reduction, "gaussian_kl")
 
 
+def _stride_kernel(x_prev: torch.Tensor, t, t_prev, alphas_cumprod: torch.Tensor,
+                   final_alpha_cumprod: float | torch.Tensor, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[B, C, H, W]`` and variance ``[B, 1, 1, 1]`` of q(x_t | x_prev) across a stride t_prev < t."""
+    t = torch.as_tensor(t, device=x_prev.device).long().expand(x_prev.shape[0])
+    t_prev = torch.as_tensor(t_prev, device=x_prev.device).long().expand(x_prev.shape[0])
+    if (t_prev >= t).any():
+        raise ValueError(
+            f"{caller}: t_prev must be < t (x_prev is the less noisy sample), got t={t.tolist()}, "
+            f"t_prev={t_prev.tolist()}"
+        )
+    alphas_cumprod = alphas_cumprod.to(device=x_prev.device, dtype=torch.float32)
+    final = torch.as_tensor(final_alpha_cumprod, device=x_prev.device, dtype=torch.float32)
+    alpha_t = _gather(alphas_cumprod, t, x_prev.ndim)
+    alpha_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
+    alpha_prev = alpha_prev.reshape(-1, *([1] * (x_prev.ndim - 1)))
+    ratio = alpha_t / alpha_prev  # ᾱ_t / ᾱ_prev = ∏ (1 − β_s) over the stride
+    return ratio.sqrt() * x_prev.float(), 1 - ratio
+
+
+def renoise(
+    x_prev: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor | int,
+    t_prev: torch.Tensor | int,
+    alphas_cumprod: torch.Tensor,
+    *,
+    final_alpha_cumprod: float | torch.Tensor,
+) -> torch.Tensor:
+    """x_t ~ q(x_t | x_prev) across the stride t_prev < t from given noise: √(ᾱ_t/ᾱ_prev) x_prev +
+    √(1 − ᾱ_t/ᾱ_prev) z (the kernel :func:`backward_log_prob` scores; universal guidance's self-recurrence)."""
+    mean, variance = _stride_kernel(x_prev, t, t_prev, alphas_cumprod, final_alpha_cumprod, "renoise")
+    return (mean + variance.sqrt() * noise.float()).to(x_prev.dtype)
+
+
 def backward_log_prob(
     x_t: torch.Tensor,
     x_prev: torch.Tensor,
@@ -120,22 +154,7 @@ def backward_log_prob(
     that multiplies the ``"mean"`` log-prob must be divided by the number of pixels D = C·H·W (``x_t[0].numel()``)
     to weigh the ``"sum"`` log-prob the same: β·mean = (β / D)·sum.
     """
-    t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-    t_prev = torch.as_tensor(t_prev, device=x_t.device).long().expand(x_t.shape[0])
-    if (t_prev >= t).any():
-        raise ValueError(
-            f"backward_log_prob: t_prev must be < t (x_prev is the less noisy sample), got t={t.tolist()}, "
-            f"t_prev={t_prev.tolist()}"
-        )
-    alphas_cumprod = alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
-    final = torch.as_tensor(final_alpha_cumprod, device=x_t.device, dtype=torch.float32)
-    alpha_t = _gather(alphas_cumprod, t, x_t.ndim)
-    alpha_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
-    alpha_prev = alpha_prev.reshape(-1, *([1] * (x_t.ndim - 1)))
-
-    ratio = alpha_t / alpha_prev  # ᾱ_t / ᾱ_prev = ∏ (1 − β_s) over the stride
-    mean = ratio.sqrt() * x_prev.float()
-    variance = 1 - ratio
+    mean, variance = _stride_kernel(x_prev, t, t_prev, alphas_cumprod, final_alpha_cumprod, "backward_log_prob")
     log_density = -((x_t.float() - mean) ** 2) / (2 * variance) - 0.5 * variance.log() - _LOG_SQRT_2PI
     return _reduce(log_density, reduction, "backward_log_prob")
 

@@ -134,11 +134,30 @@ def trainable_parameters(policy: Policy, algorithm: Algorithm) -> list[torch.nn.
     return params + [p for extra in algorithm.modules.values() for p in extra.module.parameters() if p.requires_grad]
 
 
+def gradient_step(config: Config, algorithm: Algorithm, policy: Policy, optimizer, params: list,
+                  group: list, accelerator: Accelerator, totals: dict[str, float]) -> float:
+    """One optimizer step on the method's loss averaged over the micro-batches ``group`` (gradients synchronised
+    across processes on the last one only), clipped; adds the micro-batches' metrics to ``totals`` and returns the
+    gradient norm before clipping."""
+    for k, batch in enumerate(group):
+        synced = contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(policy.unet)
+        with synced:
+            with accelerator.autocast():
+                loss, metrics = algorithm.loss(policy, batch)
+            accelerator.backward(loss / len(group))
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(grad_norm)
+
+
 def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer, rollout: Rollout,
                 targets: torch.Tensor, accelerator: Accelerator, epoch: int) -> tuple[dict, int]:
     """One pass of the method's minibatches over the epoch's rollout; returns averaged metrics and the number of
-    optimizer steps. Each optimizer step averages its micro-batches' losses (gradients synchronised across
-    processes on the last one only), clips and steps."""
+    optimizer steps. Each optimizer step is the method's own (:meth:`Algorithm.update`, when it takes one) or
+    :func:`gradient_step`."""
     policy.unet.train()
     params = trainable_parameters(policy, algorithm)
     plan = Minibatching(config.train.batch_size_per_device, config.train.gradient_accumulation_steps)
@@ -147,24 +166,21 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
         key = key * accelerator.num_processes + accelerator.process_index
         return torch.Generator().manual_seed(derive_seed(config.seed, epoch, key, SHUFFLE_STREAM))
 
+    def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(value, reduction="mean")
+
     totals: dict[str, float] = {}
     per_step: dict[str, float] = {}
     count = steps = 0
     for group in algorithm.minibatches(rollout, targets, plan, generator_for):
-        for k, batch in enumerate(group):
-            synced = contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(policy.unet)
-            with synced:
-                with accelerator.autocast():
-                    loss, metrics = algorithm.loss(policy, batch)
-                accelerator.backward(loss / len(group))
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            count += 1
-        grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
+        with accelerator.no_sync(policy.unet), accelerator.autocast():
+            stepped = algorithm.update(policy, params, group, mean_over_processes)
+        if stepped is None:
+            stepped = {"policy/grad_norm": gradient_step(config, algorithm, policy, optimizer, params, group,
+                                                         accelerator, totals)}
+            count += len(group)
         steps += 1
-        for name, value in {"policy/grad_norm": float(grad_norm), **algorithm.after_optimizer_step()}.items():
+        for name, value in {**stepped, **algorithm.after_optimizer_step()}.items():
             per_step[name] = per_step.get(name, 0.0) + value
     averaged = {name: value / count for name, value in totals.items()}
     averaged.update({name: value / steps for name, value in per_step.items()})
@@ -258,6 +274,7 @@ def train(config: Config) -> TrainResult:
     reward, gold = config.reward.build(accelerator.device)
     source = prompt_sources.get(config.prompts)
     algorithm = build(config.method, config.sample.settings(), reward)
+    algorithm.attach(policy)
     for extra in algorithm.modules.values():
         extra.module.to(accelerator.device)
     optimizer = _optimizer(config, policy, algorithm)
