@@ -186,8 +186,9 @@ def _sample(args: list[str]) -> Path:
     if parsed.lora:
         _load_lora_into(policy, parsed.lora)
     reward = rewards.get(parsed.reward, device=policy.device) if parsed.reward else None
-    if config is not None and config.validate(settings, reward):
-        raise SystemExit(f"{prog}: invalid settings:\n  - " + "\n  - ".join(config.validate(settings, reward)))
+    errors = config.validate(settings, reward) if config is not None else []
+    if errors:
+        raise SystemExit(f"{prog}: invalid settings:\n  - " + "\n  - ".join(errors))
     prompts = [p for p in parsed.prompts for _ in range(parsed.images_per_prompt)]
     if config is not None:
         result = steerer(parsed.steer).run(policy, prompts, reward, settings, config, parsed.seed)

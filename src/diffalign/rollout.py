@@ -97,11 +97,17 @@ def encode(policy: Policy, prompts: Sequence[str], settings: StepSettings) -> Co
     return Conditioning(policy.encode_prompts(prompts), negative)
 
 
+def is_guided(settings: StepSettings, conditioning: Conditioning) -> bool:
+    """Whether a step runs classifier-free guidance: the settings guide and the conditioning has negative
+    embeddings (then each latent costs two denoiser rows, [uncond; cond])."""
+    return settings.guided and conditioning.negative_embeds is not None
+
+
 def guided_output(policy: Policy, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
                   settings: StepSettings) -> torch.Tensor:
-    """The denoiser output at x_t ``[b, C, h, w]``, t ``[b]``, with classifier-free guidance when ``settings``
-    guide and the conditioning has negative embeddings."""
-    guided = settings.guided and conditioning.negative_embeds is not None
+    """The denoiser output at x_t ``[b, C, h, w]``, t ``[b]``, with classifier-free guidance when
+    :func:`is_guided`."""
+    guided = is_guided(settings, conditioning)
     return policy.model_output(x_t, t, conditioning.prompt_embeds, conditioning.negative_embeds if guided else None,
                                settings.guidance_scale if guided else 1.0)
 

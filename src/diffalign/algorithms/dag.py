@@ -39,8 +39,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
 from torch import nn
 
-from diffalign.algorithms.base import Algorithm, ExtraModule, GeneratorFor, MethodConfig, Minibatching
-from diffalign.algorithms.base import shuffled_transitions
+from diffalign.algorithms.base import (
+    Algorithm, ExtraModule, GeneratorFor, MethodConfig, Minibatching, shuffled_transitions,
+)
 from diffalign.models.policy import Policy
 from diffalign.rollout import Rollout, StepSettings, Transitions, denoise_step, guided_output, sample
 from diffalign.samplers import backward_log_prob, previous_timestep

@@ -119,7 +119,7 @@ class Dav(Algorithm):
         """The E-step: one searched trajectory per prompt (child 0 of prompt i drawn from ``seeds[i]``'s noise)."""
         c = self.config
         shift = (lambda remaining, std: std**2 * c.gamma**remaining / c.alpha) if c.value_gradient else None
-        with torch.no_grad(), (nullcontext() if c.hill_climbing else policy.reference()):
+        with nullcontext() if c.hill_climbing else policy.reference():
             found = search(policy, Particles.from_seeds(prompts, c.children, seeds), self.reward, self.settings,
                            Meter(), greedy=False, shift_scale=shift, reference_density=c.hill_climbing,
                            initial_search=c.initial_search,

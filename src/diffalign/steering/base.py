@@ -19,7 +19,7 @@ import torch
 
 from diffalign.models.policy import Policy
 from diffalign.rollout import (
-    Conditioning, StepSettings, denoise_step, derive_seed, encode, initial_noise, noise_generators,
+    Conditioning, StepSettings, denoise_step, derive_seed, encode, initial_noise, is_guided, noise_generators,
     per_sample_noise, sample_seed,
 )
 from diffalign.samplers import DDIMStepOutput
@@ -41,8 +41,7 @@ class Meter:
     def denoise(self, policy: Policy, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
                 settings: StepSettings, **kwargs) -> DDIMStepOutput:
         """:func:`~diffalign.rollout.denoise_step`, counted."""
-        guided = settings.guided and conditioning.negative_embeds is not None
-        self.denoiser_passes += x_t.shape[0] * (2 if guided else 1)
+        self.denoiser_passes += x_t.shape[0] * (2 if is_guided(settings, conditioning) else 1)
         return denoise_step(policy, x_t, t, conditioning, settings, **kwargs)
 
     def score(self, reward, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -50,9 +49,9 @@ class Meter:
         self.reward_calls += images.shape[0]
         return reward(images, list(prompts)).float()
 
-    def gradient(self, rows: int, guided: bool) -> None:
+    def gradient(self, rows: int, settings: StepSettings, conditioning: Conditioning) -> None:
         """Counts a backward pass through the denoiser for ``rows`` latents."""
-        self.gradient_passes += rows * (2 if guided else 1)
+        self.gradient_passes += rows * (2 if is_guided(settings, conditioning) else 1)
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,16 @@ class Particles:
         """The prompt of every row."""
         return [p for p in self.prompts for _ in range(self.k)]
 
+    @property
+    def prompt_index(self) -> torch.Tensor:
+        """The prompt index of every row ``[n·k]``."""
+        return torch.arange(len(self.prompts)).repeat_interleave(self.k)
+
+    def encode(self, policy: Policy, settings: StepSettings) -> tuple[Conditioning, Conditioning]:
+        """The conditioning of the n prompts (each encoded once) and of the n·k rows (indexed from it)."""
+        prompts = encode(policy, self.prompts, settings)
+        return prompts, prompts[self.prompt_index]
+
     def step_generators(self) -> list[torch.Generator]:
         return [noise_generators(s)[1] for s in self.seeds]
 
@@ -149,7 +158,7 @@ def propagate(policy: Policy, particles: Particles, settings: StepSettings, mete
     from the step's input) and the new latents x; it returns the latents to continue from (resampled ones).
     """
     rows, shape, device = particles.rows, policy.latent_shape, policy.device
-    conditioning = encode(policy, rows, settings)
+    _, conditioning = particles.encode(policy, settings)
     generators = particles.step_generators()
     x = initial_noise(particles.seeds, shape, device)
     for s, t in enumerate(policy.schedule.timesteps(settings.num_inference_steps).to(device)):

@@ -127,8 +127,8 @@ class _Population:
         index = torch.arange(self.k).expand(n, self.k).clone()
         if need.any():
             index[need] = draw(self.log_weights[need], self.k, self.generator)
-            for name in ("previous", "lineage"):
-                setattr(self, name, torch.gather(getattr(self, name), 1, index))
+            self.previous = torch.gather(self.previous, 1, index)
+            self.lineage = torch.gather(self.lineage, 1, index)
             self.log_weights[need] = 0.0
         rows = (torch.arange(n)[:, None] * self.k + index).flatten()
         return latents[rows.to(latents.device)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.models.policy import Policy
-from diffalign.rollout import StepSettings, encode, initial_noise, per_sample_noise
+from diffalign.rollout import StepSettings, initial_noise, per_sample_noise
 from diffalign.samplers import previous_timestep, renoise
 from diffalign.steering.base import Meter, Particles, SteeringResult, best_per_prompt
 
@@ -57,8 +57,7 @@ def guidance(policy: Policy, prompts: Sequence[str], reward, settings: StepSetti
         raise ValueError("guidance: " + "; ".join(errors))
     particles, meter = Particles.of(prompts, config.particles, seed), Meter()
     rows, shape, device, schedule = particles.rows, policy.latent_shape, policy.device, policy.schedule
-    conditioning = encode(policy, rows, settings)
-    guided = settings.guided and conditioning.negative_embeds is not None
+    _, conditioning = particles.encode(policy, settings)
     generators = particles.step_generators()
     timesteps = schedule.timesteps(settings.num_inference_steps).to(device)
     x = initial_noise(particles.seeds, shape, device)
@@ -75,7 +74,7 @@ def guidance(policy: Policy, prompts: Sequence[str], reward, settings: StepSetti
                                      with_log_prob=False)
                 value = meter.score(reward, policy.decode(step.x0_pred), rows)
                 (gradient,) = torch.autograd.grad(value.sum(), x_t)
-            meter.gradient(len(rows), guided)
+            meter.gradient(len(rows), settings, conditioning)
             x = step.prev_sample.detach() + config.scale * torch.nan_to_num(gradient)
     with torch.no_grad():
         images = policy.decode(x)

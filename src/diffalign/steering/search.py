@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.models.policy import Policy
-from diffalign.rollout import Conditioning, StepSettings, encode, initial_noise, per_sample_noise
+from diffalign.rollout import Conditioning, StepSettings, initial_noise, per_sample_noise
 from diffalign.samplers import gaussian_log_prob
 from diffalign.steering.base import Meter, Particles, draw
 
@@ -35,14 +35,12 @@ LogWeights = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Ten
 @dataclass(frozen=True)
 class SearchResult:
     """The kept path of each of n prompts: ``latents`` ``[n, T+1, C, h, w]`` (x_T … x_0), ``timesteps``
-    ``[n, T]``, ``log_probs`` ``[n, T]`` (log q of each kept child), ``log_ratios`` ``[n, T]`` (log q − log p_base),
-    ``rewards`` ``[n, T]`` (the value of each kept child; the last is r(x_0)), ``images`` ``[n, 3, H, W]`` and the
-    prompts' ``conditioning``."""
+    ``[n, T]``, ``log_probs`` ``[n, T]`` (log q of each kept child), ``rewards`` ``[n, T]`` (the value of each
+    kept child; the last is r(x_0)), ``images`` ``[n, 3, H, W]`` and the prompts' ``conditioning``."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor
-    log_ratios: torch.Tensor
     rewards: torch.Tensor
     images: torch.Tensor
     conditioning: Conditioning
@@ -68,7 +66,7 @@ def _value_gradient(policy: Policy, x: torch.Tensor, t: torch.Tensor, conditioni
         step = meter.denoise(policy, x, t, conditioning, settings, with_log_prob=False)
         value = meter.score(reward, policy.decode(step.x0_pred), prompts)
         (gradient,) = torch.autograd.grad(value.sum(), x)
-    meter.gradient(x.shape[0], settings.guided and conditioning.negative_embeds is not None)
+    meter.gradient(x.shape[0], settings, conditioning)
     return torch.nan_to_num(gradient.detach())
 
 
@@ -84,8 +82,8 @@ def search(policy: Policy, particles: Particles, reward, settings: StepSettings,
     prompts, m, n = particles.prompts, particles.k, len(particles.prompts)
     shape, device = policy.latent_shape, policy.device
     generator, generators = particles.selection_generator(), particles.step_generators()
-    cond_one = encode(policy, prompts, settings)
-    cond_all = cond_one[torch.arange(n).repeat_interleave(m)]
+    cond_one, cond_all = particles.encode(policy, settings)
+    expand = particles.prompt_index.to(device)
     timesteps = policy.schedule.timesteps(settings.num_inference_steps).to(device)
     num_steps = len(timesteps)
     first = (torch.arange(n) * m).to(device)
@@ -102,7 +100,7 @@ def search(policy: Policy, particles: Particles, reward, settings: StepSettings,
         x = candidates[first]
         current = meter.denoise(policy, x, timesteps[0].expand(n), cond_one, settings, with_log_prob=False)
 
-    latents, log_probs, log_ratios, rewards = [x], [], [], []
+    latents, log_probs, rewards = [x], [], []
     for s, t in enumerate(timesteps):
         remaining = num_steps - s
         mean, std = current.mean, current.std
@@ -116,11 +114,10 @@ def search(policy: Policy, particles: Particles, reward, settings: StepSettings,
                 mean_p = meter.denoise(policy, x, t.expand(n), cond_one, settings, with_log_prob=False).mean
         else:
             mean_p = mean
-        expand = torch.arange(n, device=device).repeat_interleave(m)
-        std_all = std[expand]
-        children = mean_q[expand] + std_all * per_sample_noise(generators, shape, device)
-        log_q = _density(children, mean_q[expand], std_all, settings)
-        log_p = _density(children, mean_p[expand], std_all, settings)
+        mean_rows, std_rows = mean_q[expand], std[expand]
+        children = mean_rows + std_rows * per_sample_noise(generators, shape, device)
+        log_q = _density(children, mean_rows, std_rows, settings)
+        log_p = _density(children, mean_p[expand], std_rows, settings)
         if s < num_steps - 1:
             evaluated = meter.denoise(policy, children, timesteps[s + 1].expand(n * m), cond_all, settings,
                                       with_log_prob=False)
@@ -136,11 +133,9 @@ def search(policy: Policy, particles: Particles, reward, settings: StepSettings,
             current = _rows(evaluated, kept)
         latents.append(x)
         log_probs.append(log_q[kept].cpu())
-        log_ratios.append((log_q - log_p)[kept].cpu())
         rewards.append(values[torch.arange(n), choice])
     return SearchResult(torch.stack(latents, dim=1), timesteps.expand(n, -1).cpu().clone(),
-                        torch.stack(log_probs, dim=1), torch.stack(log_ratios, dim=1), torch.stack(rewards, dim=1),
-                        images[kept], cond_one)
+                        torch.stack(log_probs, dim=1), torch.stack(rewards, dim=1), images[kept], cond_one)
 
 
 def _rows(step, rows: torch.Tensor):
