@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test browser bench clean
 
 install: $(STAMP)
 
@@ -23,8 +23,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/diffalign train --preset ddpo-shapes
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# What the real-browser test (tests/serve/test_serve_page.py) needs: Playwright's Python package and Debian's
+# Chromium, which it drives (Playwright's own browser download needs the network; the test launches /usr/bin/chromium).
+SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null && echo sudo)
+browser: install
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright
+	test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || $(SUDO) apt-get install -y -q chromium \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
 bench: install
 	$(PY) benchmarks/bench_ddpo.py

@@ -1,10 +1,12 @@
 """Sampling with rewards scored in a worker thread versus inline, side by side in one process.
 
 The reward is a remote-style scorer with a fixed latency per call (``--latency-s``, like a VLM server); with
-the worker thread its calls overlap the next batch's sampling. Prints one JSON object with both collection
-times and their ratio.
+the worker thread its calls overlap the next batch's sampling. ``--preset ddpo-shapes --latency-s 0`` instead
+times the ShapesWorld epoch with its own in-process verifier, where scoring competes with sampling for the same
+cores. Prints one JSON object with both collection times and their ratio.
 
     python benchmarks/bench_async_rewards.py
+    python benchmarks/bench_async_rewards.py --preset ddpo-shapes --latency-s 0 --batches 4 --batch-size 8
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @dataclass
 class Args:
+    preset: str = "ddpo-tiny"
+    """Preset whose model, prompts and reward are sampled (ddpo-tiny scores JPEG compressibility)."""
     latency_s: float = 0.5
-    """Seconds each reward call waits (a remote scorer's round trip)."""
+    """Seconds each reward call waits on top of scoring (a remote scorer's round trip)."""
     batches: int = 4
     """Sampling batches per epoch."""
     batch_size: int = 8
@@ -40,24 +44,26 @@ def main(args: Args) -> dict:
 
     from diffalign.algorithms import build
     from diffalign.config import preset, replace
-    from diffalign.rewards.jpeg import JpegCompressibility
+    from diffalign import prompts as prompt_sources
     from diffalign.train.loop import build_policy, collect
 
-    class RemoteJpeg(JpegCompressibility):
-        """JPEG compressibility behind a fixed round-trip latency."""
-
-        def score(self, images, prompts):
-            time.sleep(args.latency_s)
-            return super().score(images, prompts)
-
     torch.set_num_threads(args.threads)
-    config = replace(preset("ddpo-tiny"), **{"sample.num_inference_steps": args.steps,
+    config = replace(preset(args.preset), **{"sample.num_inference_steps": args.steps,
                                              "sample.batch_size_per_device": args.batch_size,
                                              "sample.num_batches_per_epoch": args.batches})
     policy = build_policy(config, Accelerator())
     algorithm = build(config.method, config.sample.settings())
-    reward = RemoteJpeg()
-    prompts = ["a cat"] * (args.batches * args.batch_size)
+    scorer, _ = config.reward.build("cpu")
+    original_score = scorer.score
+
+    def score_after_latency(images, prompts):
+        time.sleep(args.latency_s)
+        return original_score(images, prompts)
+
+    scorer.score = score_after_latency
+    reward = scorer
+    prompts = prompt_sources.get(config.prompts).draw(args.batches * args.batch_size,
+                                                      torch.Generator().manual_seed(0))
     seeds = list(range(len(prompts)))
     collect(config, algorithm, policy, reward, prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up
     results = {}
@@ -68,7 +74,7 @@ def main(args: Args) -> dict:
             results[name] = time.perf_counter() - start
             results.setdefault("rewards", rollout.rewards.tolist())
     inline = (results["inline"] + results["inline_again"]) / 2
-    return {"latency_s": args.latency_s, "batches": args.batches, "inline_s": round(inline, 3),
+    return {"preset": args.preset, "latency_s": args.latency_s, "batches": args.batches, "inline_s": round(inline, 3),
             "async_s": round(results["async"], 3), "ratio_async_to_inline": round(results["async"] / inline, 3),
             "reward_time_total_s": args.latency_s * args.batches}
 

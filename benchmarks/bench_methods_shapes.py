@@ -4,7 +4,8 @@ time (sampling, reward and updates; evaluation excluded) and is judged on the sa
 Per method: held-out and train strict accuracy (base → final; by the gold reward when the trained-on one is a
 learned proxy without a strict flag), the trained-on (proxy) reward's and the gold
 reward's evaluation means, per-prompt diversity, KL to the base model (mean of the last 10 % of epochs), weight
-drift, epochs and samples used. Prints one JSON object with a markdown table; the run folders stay in ``--out``.
+drift, the training reward (mean over the first and the last 10 % of epochs), epochs, samples and training time
+(sampling, reward and updates; evaluation excluded). Prints one JSON object with a markdown table; the run folders stay in ``--out``.
 
     python benchmarks/bench_methods_shapes.py --presets ddpo-shapes raft-shapes draft-shapes --minutes 10
 
@@ -75,6 +76,8 @@ def row(run_dir: Path) -> dict:
            for r in records if any(k.startswith("eval/") for k in r)]
         + [{"epoch": summary["epochs"], **_point(final)}],
         "drift": records[-1].get("train/weight_drift") if records else None,
+        "train_reward": [sum(r["reward/mean"] for r in records[:k]) / k, sum(r["reward/mean"] for r in records[-k:]) / k],
+        "wall_s": sum(r["time/epoch_s"] for r in records),
     }
 
 
@@ -87,11 +90,13 @@ def _pair(values) -> str:
 
 
 def markdown(rows: dict[str, dict]) -> str:
-    head = ("| preset | held-out strict | train strict | trained-on reward (held-out) | gold reward (held-out) | "
-            "diversity | KL | drift | epochs | samples |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {name} | {_pair(r['heldout_strict'])} | {_pair(r['train_strict'])} | {_pair(r['proxy'])} | "
-             f"{_pair(r['gold'])} | {_pair(r['diversity'])} | {_num(r['kl'], '.3g')} | {_num(r['drift'], '.4f')} | "
-             f"{r['epochs']} | {r['samples']} |" for name, r in rows.items()]
+    head = ("| preset | training reward (first → last 10 % of epochs) | held-out strict | train strict | "
+            "trained-on reward (held-out) | gold reward (held-out) | diversity | KL | drift | epochs | samples | "
+            "training time |\n" + "|---" * 12 + "|\n")
+    lines = [f"| {name} | {_pair(r['train_reward'])} | {_pair(r['heldout_strict'])} | {_pair(r['train_strict'])} | "
+             f"{_pair(r['proxy'])} | {_pair(r['gold'])} | {_pair(r['diversity'])} | {_num(r['kl'], '.3g')} | "
+             f"{_num(r['drift'], '.4f')} | {r['epochs']} | {r['samples']} | {r['wall_s'] / 60:.1f} min |"
+             for name, r in rows.items()]
     return head + "\n".join(lines)
 
 

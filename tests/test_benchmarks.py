@@ -70,7 +70,8 @@ def test_methods_table_reads_a_run_folder(tmp_path):
     import json
 
     bench = _load("bench_methods_shapes")
-    records = [{"epoch": e, "kl/to_base": 0.1 * e, "train/weight_drift": 0.01 * e} for e in range(10)]
+    records = [{"epoch": e, "kl/to_base": 0.1 * e, "train/weight_drift": 0.01 * e, "reward/mean": 0.1 * e,
+                "time/epoch_s": 6.0} for e in range(10)]
     records[4].update({"eval/heldout_strict_accuracy": 0.25, "eval/diversity_diversity": 0.2})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "summary.json").write_text(json.dumps({
@@ -82,13 +83,16 @@ def test_methods_table_reads_a_run_folder(tmp_path):
                                                                   "num_batches_per_epoch": 2}}))
     row = bench.row(tmp_path)
     assert row["samples"] == 640 and row["kl"] == pytest.approx(0.9) and row["drift"] == pytest.approx(0.09)
+    # first and last 10 % of 10 epochs: epoch 0 (0.0) and epoch 9 (0.9); 10 epochs × 6 s
+    assert row["train_reward"] == pytest.approx([0.0, 0.9]) and row["wall_s"] == pytest.approx(60.0)
     assert [(p["epoch"], p["heldout_strict"]) for p in row["evaluations"]] == [(0, 0.2), (5, 0.25), (10, 0.3)]
     assert row["evaluations"][1]["diversity_diversity"] == 0.2
     assert bench.variant("draft-shapes@train.learning_rate=3e-3,method.truncation=1").train.learning_rate == 3e-3
     with pytest.raises(ValueError, match="key=value"):
         bench.variant("draft-shapes@oops")
     table = bench.markdown({"draft-shapes": row})
-    assert "| draft-shapes | 0.200 → 0.300 | — → — | 0.500 → 0.700 | 0.400 → 0.450 | — → — | 0.9 | 0.0900 | 10 | 640 |" in table
+    assert ("| draft-shapes | 0.000 → 0.900 | 0.200 → 0.300 | — → — | 0.500 → 0.700 | 0.400 → 0.450 | — → — | 0.9 | "
+            "0.0900 | 10 | 640 | 1.0 min |") in table
 
 
 def test_steering_table_counts_compute_per_image():

@@ -24,3 +24,10 @@ def test_commands_are_dispatched_by_their_words(monkeypatch):
     cli.main(["config", "show", "--epochs", "2"])
     cli.main(["config", "other"])
     assert seen == [("show", ["--epochs", "2"]), ("config", ["other"])]
+
+
+def test_the_console_script_exits_zero_when_a_command_returns_a_value(monkeypatch):
+    # console scripts call sys.exit(main()): a command returning a path must not become exit status 1
+    monkeypatch.setattr(cli, "COMMANDS", [cli.Command("make", "", lambda args: "runs/somewhere")])
+    assert cli.main(["make"]) is None
+    assert cli.run(["make"]) == "runs/somewhere"

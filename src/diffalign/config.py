@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -23,6 +24,7 @@ from diffalign.algorithms.dav import DavConfig
 from diffalign.algorithms.draft import DraftConfig
 from diffalign.algorithms.raft import RaftConfig
 from diffalign.algorithms.reinforce import ReinforceConfig
+from diffalign.algorithms.sdpo import SDPOConfig
 from diffalign.algorithms.trpo import TRPOConfig
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.rollout import StepSettings
@@ -112,6 +114,9 @@ class TrainConfig:
     """AdamW ε."""
     max_grad_norm: float = 1.0
     """Gradient norm clipping threshold."""
+    skip_nonfinite_steps: bool = False
+    """Skip an optimizer step whose loss or gradient norm is NaN or infinite (gradients zeroed; counted per epoch
+    as train/skipped_steps) instead of stopping the run with an error naming the epoch, the method and the value."""
 
 
 @dataclass
@@ -222,8 +227,14 @@ class Config(Generic[M]):
     """Where the run folder is written (default runs/<preset>-<time>)."""
     resume: str | None = None
     """Resume from a checkpoint folder, or from the latest checkpoint of a run folder."""
+    resume_fallback: bool = False
+    """When the latest checkpoint of the run folder given to `resume` is incomplete or corrupted, resume from the
+    newest complete one before it (logging which was skipped and why) instead of stopping with an error."""
     save_freq: int = 20
     """Save a checkpoint every this many epochs (and after the last)."""
+    keep_last: int | None = None
+    """Keep only the newest this many checkpoints, deleting older ones once a new one is complete (None or 0:
+    keep all)."""
     time_budget_minutes: float | None = None
     """Stop after the epoch at which this many minutes of training (sampling, reward, updates; not evaluation)
     have passed in this process, even before `epochs` (for comparisons under equal wall-clock budgets)."""
@@ -260,6 +271,8 @@ class Config(Generic[M]):
             if value < 1:
                 errors.append(f"{name} must be >= 1, got {value}")
         errors += s.validate()
+        if self.keep_last is not None and self.keep_last < 0:
+            errors.append(f"keep_last must be >= 0 (0 or None: keep every checkpoint), got {self.keep_last}")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             errors.append(f"time_budget_minutes must be > 0, got {self.time_budget_minutes}")
         if s.samples_per_prompt >= 1 and s.samples_per_device % s.samples_per_prompt:
@@ -338,6 +351,35 @@ def replace(config, **changes):
     return dataclasses.replace(config, **flat)
 
 
+def _from_data(cls, data: dict):
+    """The dataclass ``cls`` from JSON data: nested dataclasses by their annotations, JSON lists as tuples."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_data(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> Config:
+    """The config a run folder's ``config.json`` holds (the inverse of :meth:`Config.to_dict`)."""
+    data = dict(data)
+    name = data.pop("algorithm", None)
+    if name not in ALGORITHMS:
+        raise ValueError(f"config: algorithm {name!r} is not registered ({', '.join(ALGORITHMS)})")
+    method = _from_data(ALGORITHMS[name].config_class, data.pop("method", {}))
+    return dataclasses.replace(_from_data(Config, data), method=method)
+
+
 def _presets() -> dict[str, Config]:
     tiny = Config(
         reward=RewardConfig(name="jpeg_compressibility"), prompts="simple_animals", epochs=10, save_freq=1,
@@ -390,6 +432,26 @@ def _presets() -> dict[str, Config]:
         shapes, epochs=60, save_freq=30, train=dataclasses.replace(shapes.train, learning_rate=3e-4),
         eval=EvalConfig(prompts="shapes_heldout", samples=192, freq=30, diversity_prompts=8),
         method=DagConfig(anneal_epochs=30, timestep_fraction=0.25, flow_channels=(32, 64, 64)))
+    # SDPO on ShapesWorld with the demo's sample budget: 4 train captions × 4 pairs (32 trajectories) per epoch, each
+    # caption's returns normalised per step within its own 8 trajectories; half the step positions trained, one
+    # optimizer step per position. On the few-step base (shapes-turbo: trailing timesteps, no guidance, made on
+    # first use), with 20-step trajectories whose first x̂0 is the 1-step sample, as the reference trains SD-Turbo.
+    sdpo_shapes = dataclasses.replace(
+        shapes, model=dataclasses.replace(shapes.model, name="shapes-turbo"),
+        sample=SampleConfig(num_inference_steps=20, guidance_scale=1.0, batch_size_per_device=16,
+                            num_batches_per_epoch=1, samples_per_prompt=4),
+        train=TrainConfig(batch_size_per_device=16, gradient_accumulation_steps=1, learning_rate=3e-4),
+        method=SDPOConfig(timestep_fraction=0.5, advantages=AdvantageConfig(buffer_size=8, min_count=8)))
+    # SDPO's reference run on SD-Turbo (ZiyiZhang27/sdpo config_sdpo.py pickscore(), per device; a GPU run):
+    # 50-step stochastic trajectories without guidance, on the trailing timesteps of SD-Turbo's own scheduler
+    # config; PickScore loads from the hub (for the aesthetic head: --reward.name aesthetic --reward.kwargs head PATH).
+    sdpo_sd_turbo = Config(
+        reward=RewardConfig(name="pickscore"), prompts="simple_animals", epochs=200, save_freq=1,
+        model=ModelConfig(name="stabilityai/sd-turbo", mixed_precision="fp16"),
+        sample=SampleConfig(num_inference_steps=50, eta=1.0, guidance_scale=1.0, batch_size_per_device=8,
+                            num_batches_per_epoch=4),
+        train=TrainConfig(batch_size_per_device=1, gradient_accumulation_steps=16, learning_rate=6e-5),
+        method=SDPOConfig())
     dag_tiny = dataclasses.replace(tiny, eval=dataclasses.replace(tiny.eval, diversity_prompts=2),
                                    method=DagConfig(anneal_epochs=5, flow_channels=(32, 64)))
     presets = {
@@ -422,6 +484,14 @@ def _presets() -> dict[str, Config]:
         # value network and a small KL to the base model.
         "actor-critic-shapes": dataclasses.replace(shapes, method=ActorCriticConfig(
             kl_coef=0.01, timestep_fraction=0.5, advantages=AdvantageConfig(min_count=8))),
+        # SDPO on the tiny model: 4 steps without guidance; 2 prompts per sampling batch, i.e. 4 trajectories.
+        "sdpo-tiny": dataclasses.replace(
+            tiny, sample=SampleConfig(num_inference_steps=4, guidance_scale=1.0, batch_size_per_device=2,
+                                      num_batches_per_epoch=2),
+            train=TrainConfig(batch_size_per_device=2, gradient_accumulation_steps=1, learning_rate=1e-3),
+            method=SDPOConfig(advantages=AdvantageConfig(buffer_size=32, min_count=4))),
+        "sdpo-shapes": sdpo_shapes,
+        "sdpo-sd-turbo": sdpo_sd_turbo,
         # DRaFT-1 with the LAION aesthetic head on SD 1.5 (a GPU run; pass the CLIP and head paths as reward.kwargs)
         "draft-sd15-aesthetic": _ddpo_reference(
             "aesthetic", "simple_animals", epochs=100, method=DraftConfig(truncation=1),

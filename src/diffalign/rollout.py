@@ -155,7 +155,8 @@ class Rollout:
     - ``means`` ``[B, T, C, h, w]`` (optional): μ_θ of each step; ``stds`` ``[T]`` (with means): σ_t of each step;
       ``x0_preds`` ``[B, T, C, h, w]`` (optional); ``outputs`` ``[B, T, C, h, w]`` (optional): the (guided)
       denoiser output of each step
-    - ``images`` ``[B, 3, H, W]`` in [0, 1], decoded from x_0; ``rewards`` ``[B]`` once scored (:meth:`with_rewards`)
+    - ``images`` ``[B, 3, H, W]`` in [0, 1], decoded from x_0; ``rewards`` ``[B]`` once scored (:meth:`with_rewards`),
+      or per step ``[B, T]`` for a method that scores along the chain (the last column the final image's)
     """
 
     prompts: list[str]
@@ -187,9 +188,10 @@ class Rollout:
         return self.conditioning.negative_embeds
 
     def with_rewards(self, rewards: torch.Tensor) -> Rollout:
-        """The same rollout with ``rewards`` ``[B]`` attached."""
-        if rewards.shape != (len(self),):
-            raise ValueError(f"rewards must have shape ({len(self)},), got {tuple(rewards.shape)}")
+        """The same rollout with ``rewards`` ``[B]`` (or per step ``[B, T]``) attached."""
+        if rewards.shape not in ((len(self),), (len(self), self.num_steps)):
+            raise ValueError(f"rewards must have shape ({len(self)},) or ({len(self)}, {self.num_steps}), "
+                             f"got {tuple(rewards.shape)}")
         return dataclasses.replace(self, rewards=rewards)
 
     def index(self, rows: torch.Tensor | slice) -> Rollout:

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from diffalign.rewards import Reward, RewardError, get
-from diffalign.rewards.http import HttpReward, decode_images, encode_images, serve_in_thread
+from diffalign.rewards.http import HttpReward, decode_images, encode_images
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
+
+from diffalign.serve.reward_server import serve_in_thread  # noqa: E402  (needs fastapi)
 
 
 class Counting(Reward):

@@ -38,7 +38,9 @@ CASES: dict[str, Callable[[Fixture], tuple[dict, list[str]]]] = {
     "jpeg_incompressibility": lambda fx: ({}, ["", ""]),
     "ocr": lambda fx: ({"num_threads": 1, "det_limit_side_len": 320}, ['a sign that says "hi"', 'a "STOP" sign']),
     "pickscore": lambda fx: ({"model": fx("tiny_clip")}, ["a red circle", "a cat on the moon"]),
+    "random_classifier": lambda fx: ({"seed": 3}, ["", ""]),
     "shapes": lambda fx: ({}, _shapes_prompts(fx)),
+    "shapes_count": lambda fx: ({}, ["", ""]),
     "shapes_learned": lambda fx: ({}, _shapes_prompts(fx)),
 }
 
@@ -46,7 +48,7 @@ CASES: dict[str, Callable[[Fixture], tuple[dict, list[str]]]] = {
 @pytest.fixture(scope="module")
 def brightness_server():
     pytest.importorskip("uvicorn")
-    from diffalign.rewards.http import serve_in_thread
+    from diffalign.serve.reward_server import serve_in_thread
 
     server = serve_in_thread(rewards.get("brightness"))
     yield server

@@ -88,3 +88,10 @@ def test_out_of_grammar_caption_raises_naming_reward_and_caption():
         ShapesReward().evaluate(image_of(RED_CIRCLE), ["a cat"])
     with pytest.raises(RewardError, match="empty"):
         ShapesReward()(image_of(RED_CIRCLE), [""])
+
+
+def test_object_count_counts_rendered_objects_whatever_the_prompt():
+    images = torch.cat([image_of(), image_of(RED_CIRCLE), image_of(RED_CIRCLE, BLUE_SQUARE),
+                        image_of(RED_CIRCLE, *SMALL_RED_CIRCLES)])
+    counts = registry.get("shapes_count")(images, ["", "two red circles", "", "anything"])
+    torch.testing.assert_close(counts, torch.tensor([0.0, 1.0, 2.0, 3.0]))

@@ -134,3 +134,25 @@ def test_epsilon_equivalent_weight_hand_values():
     torch.testing.assert_close(epsilon_equivalent_weight(t, alphas, "epsilon"), torch.ones(3))
     with pytest.raises(ValueError, match="prediction_type"):
         epsilon_equivalent_weight(t, alphas, "flow")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_shift_epsilon_moves_the_implied_noise_by_delta_in_every_parameterisation(prediction_type):
+    # The denoiser output that an ε̂ model would give as ε̂ + Δε must make the same DDIM step, whatever the model
+    # predicts: the x0 and v outputs are built from (x_t, ε̂) by DDIM eq. 12 and Salimans & Ho's v, then shifted.
+    from diffalign.samplers import shift_epsilon
+
+    generator = torch.Generator().manual_seed(0)
+    x_t, eps, delta = (torch.randn(2, 1, 1, 2, generator=generator) for _ in range(3))
+    a = ALPHAS[T].reshape(2, 1, 1, 1)
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    output = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+    shifted = shift_epsilon(output, delta, T, ALPHAS, prediction_type)
+
+    def mean(model_output, kind):
+        return ddim_step(model_output, x_t, T, T - 1, ALPHAS, eta=0.0, final_alpha_cumprod=1.0,
+                         prediction_type=kind, with_log_prob=False).mean
+
+    torch.testing.assert_close(mean(shifted, prediction_type), mean(eps + delta, "epsilon"))
+    # and the shift is not a no-op
+    assert not torch.allclose(mean(shifted, prediction_type), mean(eps, "epsilon"))

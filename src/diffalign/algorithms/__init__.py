@@ -11,10 +11,11 @@ from diffalign.algorithms.ddpo import DDPO
 from diffalign.algorithms.draft import Draft
 from diffalign.algorithms.raft import Raft
 from diffalign.algorithms.reinforce import Reinforce
+from diffalign.algorithms.sdpo import SDPO
 from diffalign.algorithms.trpo import TRPO
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, Reinforce, Raft, Draft, Dav, Dag, TRPO,
-                                                                   ActorCritic)}
+                                                                   ActorCritic, SDPO)}
 
 
 def algorithm_name(config: MethodConfig) -> str:

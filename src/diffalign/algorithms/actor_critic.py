@@ -30,7 +30,6 @@ estimator, which needs no path through the action, and it regresses the return o
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +40,7 @@ from torch import nn
 from diffalign.algorithms.advantages import AdvantageConfig, RewardNormaliser
 from diffalign.algorithms.base import Algorithm, ExtraModule, MethodConfig, shuffled_transitions
 from diffalign.algorithms.ddpo import ppo_clip_loss
+from diffalign.models.features import TIME_FEATURES, timestep_features
 from diffalign.models.policy import Policy
 from diffalign.rollout import (Rollout, StepSettings, Transitions, kl_to_reference, reference_mean, sample,
                                transition_log_prob, transitions)
@@ -48,7 +48,7 @@ from diffalign.samplers import gaussian_kl
 
 #: Sizes of the value network's timestep and text features (the text embedding is resized to this without
 #: parameters, so one network fits any text encoder).
-TIME_FEATURES, TEXT_FEATURES = 32, 64
+TEXT_FEATURES = 64
 
 
 @dataclass
@@ -95,14 +95,6 @@ class ActorCriticConfig(MethodConfig):
             errors.append(f"sample.eta must be > 0 for actor_critic (its log-probs and KL need a stochastic "
                           f"sampler), got {settings.eta}")
         return errors + self.advantages.validate("method.advantages")
-
-
-def timestep_features(t: torch.Tensor) -> torch.Tensor:
-    """Sinusoidal features ``[b, TIME_FEATURES]`` of raw timesteps ``[b]`` (DDPM's embedding, periods 1 … 10⁴)."""
-    half = TIME_FEATURES // 2
-    frequencies = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * frequencies
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 def text_features(prompt_embeds: torch.Tensor) -> torch.Tensor:

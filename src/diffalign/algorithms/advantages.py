@@ -35,9 +35,12 @@ class AdvantageConfig:
                     f"got {self.buffer_size} and {self.min_count}"]
         return []
 
-    def tracker(self) -> PerPromptStatTracker | None:
-        """A fresh tracker for these settings (None for whole-batch normalisation)."""
-        return PerPromptStatTracker(self.buffer_size, self.min_count) if self.per_prompt else None
+    def tracker(self, per_step: bool = False) -> PerPromptStatTracker | PerPromptStepStatTracker | None:
+        """A fresh tracker for these settings (None for whole-batch normalisation); ``per_step``: one buffer per
+        (prompt, step), for per-step returns ``[B, N]``."""
+        if not self.per_prompt:
+            return None
+        return (PerPromptStepStatTracker if per_step else PerPromptStatTracker)(self.buffer_size, self.min_count)
 
 
 def batch_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -46,8 +49,10 @@ def batch_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)).float()
 
 
-def normalise(rewards: torch.Tensor, prompts: Sequence[str], tracker: PerPromptStatTracker | None) -> torch.Tensor:
-    """Advantages ``[B]`` of gathered ``rewards`` ``[B]``: the tracker's, or the whole-batch z-score without one."""
+def normalise(rewards: torch.Tensor, prompts: Sequence[str],
+              tracker: PerPromptStatTracker | PerPromptStepStatTracker | None) -> torch.Tensor:
+    """Advantages of gathered ``rewards`` ``[B]`` (or per-step ``[B, N]`` with a per-step tracker): the tracker's,
+    or the whole-batch z-score without one."""
     return batch_advantages(rewards) if tracker is None else tracker.update(prompts, rewards)
 
 
@@ -75,11 +80,12 @@ def zero_advantage_fraction(advantages: torch.Tensor, prompts: Sequence[str], at
 
 class RewardNormaliser:
     """Advantages ``[B]`` of gathered rewards as an :class:`AdvantageConfig` says (tracker or whole batch, and the
-    placebo permutation), with the tracker's state for checkpoints; methods that normalise rewards hold one."""
+    placebo permutation), with the tracker's state for checkpoints; methods that normalise rewards hold one.
+    ``per_step``: of per-step returns ``[B, N]``, tracked per (prompt, step) (SDPO)."""
 
-    def __init__(self, config: AdvantageConfig):
+    def __init__(self, config: AdvantageConfig, per_step: bool = False):
         self.config = config
-        self.tracker = config.tracker()
+        self.tracker = config.tracker(per_step)
 
     def __call__(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         advantages = normalise(rewards, prompts, self.tracker)

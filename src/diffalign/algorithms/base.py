@@ -2,7 +2,9 @@
 
 A method is a config dataclass (its knobs, with ``validate``) and an :class:`Algorithm` subclass saying
 
-- how it **collects** a batch (:meth:`Algorithm.collect`; default: plain rollouts from :func:`~diffalign.rollout.sample`),
+- how it **collects** a batch (:meth:`Algorithm.collect`; default: plain rollouts from :func:`~diffalign.rollout.sample`)
+  and how it **scores** it (:meth:`Algorithm.score`; default: the reward of the final images, ``[B]``; a method that
+  queries the reward along the chain returns per-step rewards ``[B, T]``),
 - how gathered rewards become **targets** (:meth:`Algorithm.targets`: advantages ``[B]`` or per-step ``[B, T]``),
 - how a batch splits into **minibatches** (:meth:`Algorithm.minibatches`: optimizer steps, each a list of
   micro-batches whose gradients are accumulated),
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from diffalign.models.policy import Policy
 from diffalign.rollout import Rollout, StepSettings, Transitions, sample, transitions
+
+if TYPE_CHECKING:  # annotations only: importing the reward zoo is not needed to declare a method
+    from diffalign.rewards import Reward, RewardOutput
 
 #: ``generator_for(k)`` gives the k-th independent shuffle generator of this epoch on this process.
 GeneratorFor = Callable[[int], torch.Generator]
@@ -90,9 +95,17 @@ class Algorithm:
         """One sampling batch of trajectories (no rewards yet). Default: plain rollouts."""
         return sample(policy, prompts, seeds, self.settings)
 
+    def score(self, policy: Policy, reward: Reward, rollout: Rollout) -> RewardOutput:
+        """Scores one collected batch, without gradients (the loop may call it in a worker thread while the next
+        batch samples). Default: the reward of the rollout's images, ``scores`` ``[B]``. A method that queries the
+        reward along the chain returns per-step ``scores`` ``[B, T]`` whose last column is the final image's (the
+        loop logs that column as ``reward/*``); ``components`` and ``strict`` stay the final image's ``[B]``."""
+        return reward.output(rollout.images, rollout.prompts)
+
     def targets(self, rewards: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        """Training targets ``[B]`` or ``[B, T]`` from the rewards ``[B]`` gathered over every process (the same
-        on every process; ``generator`` is this epoch's, for methods whose targets are random)."""
+        """Training targets ``[B]`` or ``[B, T]`` from the rewards (as :meth:`score` made them, ``[B]`` or
+        ``[B, T]``) gathered over every process (the same on every process; ``generator`` is this epoch's, for
+        methods whose targets are random)."""
         raise NotImplementedError
 
     def minibatches(self, rollout: Rollout, targets: torch.Tensor, plan: Minibatching,

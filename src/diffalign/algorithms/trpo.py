@@ -240,7 +240,9 @@ class TRPO(Algorithm):
             before += value.detach()
             old_means.append(step.mean.detach())
         gradient, before = mean_over_processes(gradient), mean_over_processes(before)
-
+        metrics = {"policy/grad_norm": float(gradient.norm())}
+        if not (math.isfinite(metrics["policy/grad_norm"]) and math.isfinite(float(before))):
+            return metrics | self._no_step(float(before))  # never step along NaN/inf (the loop then stops or skips)
         kl_grads = [kl_gradient(policy, first_rows(batch, max(1, math.ceil(c.fisher_fraction * len(batch)))),
                                 self.settings, c.cfg, params) for batch in group]
 
@@ -251,7 +253,6 @@ class TRPO(Algorithm):
         direction = conjugate_gradient(damped_fisher, gradient, c.cg_iters)
         curvature = float(direction @ damped_fisher(direction))
         del kl_grads
-        metrics = {"policy/grad_norm": float(gradient.norm())}
         if not curvature > 0:  # a zero gradient (e.g. all advantages 0): nothing to step along
             return metrics | self._no_step(float(before))
         full_step = math.sqrt(2 * c.max_kl / curvature) * direction

@@ -1,7 +1,8 @@
-"""Rewards over HTTP: serve any reward with FastAPI, and score against a remote one with :class:`HttpReward`.
+"""Rewards over HTTP: score against a remote reward server with :class:`HttpReward`, and the wire format both use.
 
-Use it to keep a big reward model on its own GPU or machine (DDPO's LLaVA server, spec/ddpo_sdpo.md §1.7).
-fastapi/uvicorn (server) and httpx (client) are imported lazily: ``import diffalign.rewards`` never needs them.
+Use it to keep a big reward model on its own GPU or machine (DDPO's LLaVA server, spec/ddpo_sdpo.md §1.7). The
+server is :mod:`diffalign.serve.reward_server` (``diffalign reward-server --reward NAME``); httpx (the client) is
+imported lazily: ``import diffalign.rewards`` never needs it.
 
 Wire format (version 1)
 -----------------------
@@ -24,10 +25,8 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,85 +79,6 @@ def decode_images(payload: Any) -> torch.Tensor:
     if not arrays or len({a.shape for a in arrays}) != 1:
         raise ValueError("'images.data' must be a non-empty list of PNGs of one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-# --- server -----------------------------------------------------------------------------------------------------
-
-
-def make_app(reward: Reward):
-    """A FastAPI app serving ``reward`` at ``POST /score`` and ``GET /health`` (wire format in the module doc)."""
-    fastapi = optional_import("fastapi", "fastapi", reward.name, " (or `pip install diffalign[serve]`)")
-    app = fastapi.FastAPI(title=f"diffalign reward server: {reward.name}")
-    lock = threading.Lock()  # one batch at a time: reward models need not be thread-safe
-
-    @app.get("/health")
-    def health() -> dict:
-        return {
-            "status": "ok",
-            "reward": reward.name,
-            "differentiable": reward.differentiable,
-            "needs_prompts": reward.needs_prompts,
-        }
-
-    @app.post("/score")
-    def score(payload: dict = fastapi.Body(...)) -> dict:
-        try:
-            images = decode_images(payload.get("images"))
-            prompts = payload.get("prompts")
-            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("'prompts' must be a list of strings")
-        except (ValueError, TypeError, OSError) as error:
-            raise fastapi.HTTPException(status_code=400, detail=f"bad request body: {error}") from error
-        try:
-            reward.check_inputs(images, prompts)
-        except RewardError as error:
-            raise fastapi.HTTPException(status_code=422, detail=str(error)) from error
-        try:
-            with lock, torch.no_grad():
-                rewards = reward(images, prompts)
-        except Exception as error:
-            raise fastapi.HTTPException(status_code=500, detail=f"{type(error).__name__}: {error}") from error
-        return {"rewards": [float(r) for r in rewards.detach().cpu().tolist()], "reward": reward.name}
-
-    return app
-
-
-def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves ``reward`` with uvicorn until interrupted (blocking)."""
-    uvicorn = optional_import("uvicorn", "uvicorn", reward.name, " (or `pip install diffalign[serve]`)")
-    uvicorn.run(make_app(reward), host=host, port=port, log_level=log_level)
-
-
-@dataclass
-class RunningServer:
-    """A reward server running in a background thread (see :func:`serve_in_thread`)."""
-
-    url: str
-    server: Any
-    thread: threading.Thread
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Asks uvicorn to exit and waits for the thread."""
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-
-def serve_in_thread(
-    reward: Reward, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0
-) -> RunningServer:
-    """Starts uvicorn in a daemon thread (``port=0`` picks a free port) and returns once it accepts connections."""
-    uvicorn = optional_import("uvicorn", "uvicorn", reward.name, " (or `pip install diffalign[serve]`)")
-    server = uvicorn.Server(uvicorn.Config(make_app(reward), host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"reward-server-{reward.name}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the reward server for {reward.name!r} did not start on {host}:{port}")
-        time.sleep(0.01)
-    bound_port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(url=f"http://{host}:{bound_port}", server=server, thread=thread)
 
 
 # --- client -----------------------------------------------------------------------------------------------------
@@ -236,7 +156,8 @@ class HttpReward(Reward):
             return response.json()
         raise RewardError(
             f"reward server {url} failed after {self.max_retries + 1} attempts ({last_error}); is the server "
-            "running? Start one with diffalign.rewards.http.serve(reward, host, port)"
+            "running? Start one with `diffalign reward-server --reward NAME` or "
+            "diffalign.serve.reward_server.serve(reward, host, port)"
         )
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

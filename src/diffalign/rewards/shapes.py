@@ -132,3 +132,16 @@ class ShapesReward(Reward):
     def output(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
         score, strict = self.evaluate(images, prompts)
         return RewardOutput(score, strict=strict)
+
+
+@register("shapes_count")
+class ShapesObjectCount(Reward):
+    """The number of objects the ShapesWorld detector finds in the image (the prompt is ignored): a world property
+    that is a function of the image alone, for reward models that do not see the caption (RCGD's μ(z_t, t))."""
+
+    name = "shapes_count"
+    differentiable = False
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        detections = detect_batch(_to_world_size(images.detach().cpu()))
+        return torch.tensor([float(len(d)) for d in detections], dtype=torch.float32, device=self.device)

@@ -4,7 +4,7 @@ from diffalign.samplers.ddim import (
     DDIMStepOutput, ddim_step, gaussian_log_prob, inference_timesteps, previous_timestep,
 )
 from diffalign.samplers.noising import (
-    backward_log_prob, diffusion_target, epsilon_equivalent_weight, gaussian_kl, q_sample, renoise,
+    backward_log_prob, diffusion_target, epsilon_equivalent_weight, gaussian_kl, q_sample, renoise, shift_epsilon,
 )
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "previous_timestep",
     "q_sample",
     "renoise",
+    "shift_epsilon",
 ]

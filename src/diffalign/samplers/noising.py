@@ -176,3 +176,19 @@ def epsilon_equivalent_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, pre
     if prediction_type == "v_prediction":
         return alpha.rsqrt()
     raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def shift_epsilon(model_output: torch.Tensor, delta_epsilon: torch.Tensor, t: torch.Tensor | int,
+                  alphas_cumprod: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
+    """The denoiser output whose implied noise at the same x_t is ε̂ + Δε (classifier guidance written in ε-space,
+    Dhariwal & Nichol 2021 eq. 14, for a model of any parameterisation).
+
+    With x_t fixed, x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t and ε̂ = √ᾱ_t v + √(1−ᾱ_t) x_t (DDIM eq. 12; Salimans & Ho
+    2022), so: ε-prediction adds Δε; x0-prediction (``"sample"``) adds −√(1−ᾱ_t)/√ᾱ_t · Δε; v-prediction adds
+    Δε/√ᾱ_t (the magnitudes are :func:`epsilon_equivalent_weight`). ``delta_epsilon`` has the output's shape.
+    """
+    t = torch.as_tensor(t, device=model_output.device).long().expand(model_output.shape[0])
+    weight = epsilon_equivalent_weight(t, alphas_cumprod, prediction_type)
+    weight = weight.reshape(-1, *([1] * (model_output.ndim - 1)))
+    sign = -1.0 if prediction_type == "sample" else 1.0
+    return (model_output.float() + sign * weight * delta_epsilon.float()).to(model_output.dtype)

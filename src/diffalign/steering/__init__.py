@@ -7,7 +7,9 @@ compared at equal compute), and a config whose ``particles`` is its width:
 - ``best-of-n`` (:mod:`~diffalign.steering.best_of_n`): N independent samples, the best kept;
 - ``fk`` (:mod:`~diffalign.steering.fk`): Feynman-Kac particle resampling by reward potentials;
 - ``svdd`` (:mod:`~diffalign.steering.svdd`): per-step selection among M candidates by the reward of x̂_0;
-- ``guidance`` (:mod:`~diffalign.steering.guidance`): the reward's gradient through x̂_0 added to each step.
+- ``guidance`` (:mod:`~diffalign.steering.guidance`): the reward's gradient through x̂_0 added to each step;
+- ``rcgd`` (:mod:`~diffalign.steering.rcgd`): a reward model on the noisy latents pulls each step toward a target
+  reward (its ``reward`` is that :class:`~diffalign.models.latent_reward.LatentRewardModel`).
 
 SVDD and DAV's E-step (:mod:`diffalign.algorithms.dav`) run on one search core (:mod:`~diffalign.steering.search`).
 """
@@ -21,6 +23,7 @@ from diffalign.steering.base import Meter, SteeringResult
 from diffalign.steering.best_of_n import BestOfNConfig, best_of_n
 from diffalign.steering.fk import FKConfig, fk
 from diffalign.steering.guidance import GuidanceConfig, guidance
+from diffalign.steering.rcgd import RCGDConfig, rcgd
 from diffalign.steering.svdd import SVDDConfig, svdd
 
 
@@ -37,6 +40,7 @@ STEERERS: dict[str, Steerer] = {
     "fk": Steerer(FKConfig, fk),
     "svdd": Steerer(SVDDConfig, svdd),
     "guidance": Steerer(GuidanceConfig, guidance),
+    "rcgd": Steerer(RCGDConfig, rcgd),
 }
 
 
@@ -46,5 +50,5 @@ def steerer(name: str) -> Steerer:
     return STEERERS[name]
 
 
-__all__ = ["STEERERS", "BestOfNConfig", "FKConfig", "GuidanceConfig", "Meter", "SVDDConfig", "Steerer",
-           "SteeringResult", "best_of_n", "fk", "guidance", "steerer", "svdd"]
+__all__ = ["STEERERS", "BestOfNConfig", "FKConfig", "GuidanceConfig", "Meter", "RCGDConfig", "SVDDConfig", "Steerer",
+           "SteeringResult", "best_of_n", "fk", "guidance", "rcgd", "steerer", "svdd"]

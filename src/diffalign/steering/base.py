@@ -19,8 +19,8 @@ import torch
 
 from diffalign.models.policy import Policy
 from diffalign.rollout import (
-    Conditioning, StepSettings, denoise_step, derive_seed, encode, initial_noise, is_guided, noise_generators,
-    per_sample_noise, sample_seed,
+    Conditioning, StepSettings, denoise_step, derive_seed, encode, guided_output, initial_noise, is_guided,
+    noise_generators, per_sample_noise, sample_seed,
 )
 from diffalign.samplers import DDIMStepOutput
 
@@ -43,6 +43,12 @@ class Meter:
         """:func:`~diffalign.rollout.denoise_step`, counted."""
         self.denoiser_passes += x_t.shape[0] * (2 if is_guided(settings, conditioning) else 1)
         return denoise_step(policy, x_t, t, conditioning, settings, **kwargs)
+
+    def output(self, policy: Policy, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+               settings: StepSettings) -> torch.Tensor:
+        """:func:`~diffalign.rollout.guided_output`, counted (take the step with ``denoise_step(model_output=)``)."""
+        self.denoiser_passes += x_t.shape[0] * (2 if is_guided(settings, conditioning) else 1)
+        return guided_output(policy, x_t, t, conditioning, settings)
 
     def score(self, reward, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """The reward ``[b]`` of ``images`` (a reward raises on NaN rather than returning it), counted."""

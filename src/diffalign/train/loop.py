@@ -30,7 +30,8 @@ from diffalign.evaluate import EvalSet, RunSummary, evaluate_policy, kl_to_base,
 from diffalign.models import Policy, add_lora, load_policy
 from diffalign.rewards import Reward, RewardOutput
 from diffalign.rollout import Rollout, derive_seed, sample_seed
-from diffalign.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffalign.train.checkpoint import (TrainerState, check_disk_space, checkpoint_bytes, latest_checkpoint,
+                                        load_checkpoint, save_checkpoint)
 from diffalign.train.run import RunFolder
 
 PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM, KL_STREAM, TARGET_STREAM = 1, 2, 3, 10, 11
@@ -67,9 +68,9 @@ def epoch_prompts_and_seeds(config: Config, source, epoch: int, accelerator: Acc
     return [everything[i] for i in indices], [sample_seed(config.seed, epoch, i) for i in indices]
 
 
-def _score(reward: Reward, rollout: Rollout) -> RewardOutput:
+def _score(algorithm: Algorithm, policy: Policy, reward: Reward, rollout: Rollout) -> RewardOutput:
     with torch.no_grad():
-        return reward.output(rollout.images, rollout.prompts)
+        return algorithm.score(policy, reward, rollout)
 
 
 def collect(config: Config, algorithm: Algorithm, policy: Policy, reward: Reward, prompts: list[str],
@@ -78,7 +79,8 @@ def collect(config: Config, algorithm: Algorithm, policy: Policy, reward: Reward
 
     With an ``executor`` each batch's reward runs in a worker thread while the next batch samples (as DDPO
     does); ``time/reward_wait_s`` is the reward time left after sampling ends. Returns the rollout with its
-    rewards, the timings and the members' values ``[B]`` of a composite reward (empty otherwise).
+    rewards (``[B]``, or per step ``[B, T]`` as the method scores them), the timings and the members' values
+    ``[B]`` of a composite reward (empty otherwise).
     """
     policy.unet.eval()
     batch, parts, pending = config.sample.batch_size_per_device, [], []
@@ -86,7 +88,8 @@ def collect(config: Config, algorithm: Algorithm, policy: Policy, reward: Reward
     for i in range(0, len(prompts), batch):
         part = algorithm.collect(policy, prompts[i : i + batch], seeds[i : i + batch])
         parts.append(part)
-        pending.append(executor.submit(_score, reward, part) if executor else _score(reward, part))
+        pending.append(executor.submit(_score, algorithm, policy, reward, part) if executor
+                       else _score(algorithm, policy, reward, part))
     sampled = time.perf_counter()
     outputs = [item.result() if executor else item for item in pending]
     rollout = Rollout.cat(parts).with_rewards(torch.cat([o.scores for o in outputs]))
@@ -103,14 +106,19 @@ def gathered_means(values: dict[str, torch.Tensor], accelerator: Accelerator, pr
 
 def compute_targets(algorithm: Algorithm, rollout: Rollout, accelerator: Accelerator,
                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Gathers rewards and prompts across processes, asks the method for its targets, returns this process's."""
+    """Gathers rewards and prompts across processes, asks the method for its targets, returns this process's.
+
+    ``reward/*`` describe the final images; per-step rewards ``[B, T]`` also log ``reward/first_step_mean``."""
     rewards_all = accelerator.gather(rollout.rewards.to(accelerator.device)).cpu()
     prompts_all = gather_object(rollout.prompts) if accelerator.num_processes > 1 else rollout.prompts
     targets = algorithm.targets(rewards_all, prompts_all, generator)
     local = targets.reshape(accelerator.num_processes, -1, *targets.shape[1:])[accelerator.process_index]
-    metrics = {"reward/mean": rewards_all.mean().item(), "reward/std": rewards_all.std(unbiased=False).item(),
-               "reward/min": rewards_all.min().item(), "reward/max": rewards_all.max().item(),
+    final = rewards_all if rewards_all.ndim == 1 else rewards_all[:, -1]
+    metrics = {"reward/mean": final.mean().item(), "reward/std": final.std(unbiased=False).item(),
+               "reward/min": final.min().item(), "reward/max": final.max().item(),
                "train/zero_advantage_groups": zero_advantage_fraction(targets, prompts_all)}
+    if rewards_all.ndim == 2:
+        metrics["reward/first_step_mean"] = rewards_all[:, 0].mean().item()
     return local.to(accelerator.device), metrics
 
 
@@ -134,22 +142,50 @@ def trainable_parameters(policy: Policy, algorithm: Algorithm) -> list[torch.nn.
     return params + [p for extra in algorithm.modules.values() for p in extra.module.parameters() if p.requires_grad]
 
 
+def skip_nonfinite(config: Config, algorithm: Algorithm, epoch: int, values: dict[str, float]) -> bool:
+    """Whether the optimizer step whose ``values`` (loss, gradient norm) these are must be skipped: False when all
+    are finite; True when one is NaN or infinite and ``train.skip_nonfinite_steps`` is set; else raises
+    FloatingPointError naming the epoch, the method and the metric."""
+    bad = [(name, value) for name, value in values.items() if not math.isfinite(value)]
+    if not bad or config.train.skip_nonfinite_steps:
+        return bool(bad)
+    name, value = bad[0]
+    raise FloatingPointError(
+        f"epoch {epoch}: {algorithm.name}'s {name} is {value}; the optimizer step was not taken. Lower "
+        "train.learning_rate or train.max_grad_norm and check the reward, or set train.skip_nonfinite_steps=True "
+        "(--train.skip-nonfinite-steps) to skip such steps (counted as train/skipped_steps)")
+
+
 def gradient_step(config: Config, algorithm: Algorithm, policy: Policy, optimizer, params: list,
-                  group: list, accelerator: Accelerator, totals: dict[str, float]) -> float:
+                  group: list, accelerator: Accelerator, totals: dict[str, float], epoch: int) -> float | None:
     """One optimizer step on the method's loss averaged over the micro-batches ``group`` (gradients synchronised
     across processes on the last one only), clipped; adds the micro-batches' metrics to ``totals`` and returns the
-    gradient norm before clipping."""
+    gradient norm before clipping. A NaN or infinite loss (on any process) or gradient norm stops the run before
+    the step (:func:`skip_nonfinite`), or with ``train.skip_nonfinite_steps`` zeroes the gradients, drops the
+    metrics and returns None. Under fp16 the loss scaler owns infinite gradients (it skips those steps itself)."""
+    losses, step_metrics = [], {}
     for k, batch in enumerate(group):
         synced = contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(policy.unet)
         with synced:
             with accelerator.autocast():
                 loss, metrics = algorithm.loss(policy, batch)
             accelerator.backward(loss / len(group))
+        losses.append(loss.detach().float())
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
+            step_metrics[name] = step_metrics.get(name, 0.0) + float(value)
     grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+    values = {"loss": accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()}
+    if accelerator.scaler is None:
+        values["policy/grad_norm"] = float(grad_norm)
+    if skip_nonfinite(config, algorithm, epoch, values):
+        optimizer.zero_grad()
+        if accelerator.scaler is not None:  # forget the unscale clip_grad_norm_ did, as a skipped fp16 step would
+            accelerator.scaler.update()
+        return None
     optimizer.step()
     optimizer.zero_grad()
+    for name, value in step_metrics.items():
+        totals[name] = totals.get(name, 0.0) + value
     return float(grad_norm)
 
 
@@ -157,7 +193,8 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
                 targets: torch.Tensor, accelerator: Accelerator, epoch: int) -> tuple[dict, int]:
     """One pass of the method's minibatches over the epoch's rollout; returns averaged metrics and the number of
     optimizer steps. Each optimizer step is the method's own (:meth:`Algorithm.update`, when it takes one) or
-    :func:`gradient_step`."""
+    :func:`gradient_step`; either is checked for a NaN or infinite loss or gradient norm (:func:`skip_nonfinite`),
+    and ``train/skipped_steps`` counts the steps skipped for one."""
     policy.unet.train()
     params = trainable_parameters(policy, algorithm)
     plan = Minibatching(config.train.batch_size_per_device, config.train.gradient_accumulation_steps)
@@ -171,19 +208,26 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
 
     totals: dict[str, float] = {}
     per_step: dict[str, float] = {}
-    count = steps = 0
+    count = steps = skipped = 0
     for group in algorithm.minibatches(rollout, targets, plan, generator_for):
         with accelerator.no_sync(policy.unet), accelerator.autocast():
             stepped = algorithm.update(policy, params, group, mean_over_processes)
         if stepped is None:
-            stepped = {"policy/grad_norm": gradient_step(config, algorithm, policy, optimizer, params, group,
-                                                         accelerator, totals)}
-            count += len(group)
+            grad_norm = gradient_step(config, algorithm, policy, optimizer, params, group, accelerator, totals, epoch)
+            stepped = None if grad_norm is None else {"policy/grad_norm": grad_norm}
+            count += 0 if grad_norm is None else len(group)
+        elif skip_nonfinite(config, algorithm, epoch, {k: stepped[k] for k in ("policy/loss", "policy/grad_norm")
+                                                       if k in stepped}):
+            stepped = None  # the method's own step does not apply a non-finite update (TRPO's update ensures it)
+        if stepped is None:
+            skipped += 1
+            continue
         steps += 1
         for name, value in {**stepped, **algorithm.after_optimizer_step()}.items():
             per_step[name] = per_step.get(name, 0.0) + value
     averaged = {name: value / count for name, value in totals.items()}
     averaged.update({name: value / steps for name, value in per_step.items()})
+    averaged["train/skipped_steps"] = float(skipped)
     return averaged, steps
 
 
@@ -286,8 +330,10 @@ def train(config: Config) -> TrainResult:
 
     state = TrainerState()
     if config.resume:
-        state = load_checkpoint(latest_checkpoint(config.resume), policy.base_unet, unwrapped, optimizer)
+        state = load_checkpoint(latest_checkpoint(config.resume, fallback=config.resume_fallback),
+                                policy.base_unet, unwrapped, optimizer)
         algorithm.load_state_dict(state.algorithm)
+    check_disk_space(run_path, checkpoint_bytes([policy.base_unet, *unwrapped.values()], optimizer))
     run = RunFolder(run_path) if accelerator.is_main_process else None
     eval_sets = evaluation_sets(config, source)
     judges = {"reward": reward, **({"gold": gold} if gold is not None else {})}
@@ -340,7 +386,7 @@ def train(config: Config) -> TrainResult:
             state.algorithm = algorithm.state_dict()
             if accelerator.is_main_process:
                 save_checkpoint(run.path / "checkpoints" / str(state.epochs_done), policy.base_unet, unwrapped,
-                                optimizer, state)
+                                optimizer, state, keep_last=config.keep_last)
         accelerator.wait_for_everyone()
         if stop:
             break

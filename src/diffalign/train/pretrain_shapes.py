@@ -32,7 +32,7 @@ import math
 import platform
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -261,21 +261,19 @@ def diffusion_loss(config: PretrainConfig, step: int, pipeline, schedule: Schedu
     return F.mse_loss(output, diffusion_target(x0, noise, t, schedule.alphas_cumprod, schedule.prediction_type))
 
 
-def train_diffusion(config: PretrainConfig, pipeline, output_dir: Path) -> EMA:
-    """Stage 2: trains the UNet and text encoder jointly; returns the EMA of their weights."""
-    schedule = Schedule.from_scheduler_config(pipeline.scheduler.config)
-    trained = [*pipeline.unet.parameters(), *pipeline.text_encoder.parameters()]
-    # No weight decay: only the ~30 caption words' rows of the 49,408-row token embedding ever get a gradient.
-    optimizer = torch.optim.AdamW(trained, lr=config.unet_learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.unet_steps, config.warmup_steps))
-    ema = EMA(trained, config.ema_decay)
-    pipeline.vae.requires_grad_(False)
-    pipeline.unet.train()
-    pipeline.text_encoder.train()
-    progress = tqdm(range(config.unet_steps), desc="pretrain shapes: UNet + text encoder", mininterval=2.0)
+def optimize(trained: Sequence[torch.nn.Parameter], loss_of_step: Callable[[int], torch.Tensor], steps: int,
+             learning_rate: float, warmup_steps: int, ema_decay: float, desc: str,
+             after_step: Callable[[int, EMA], None] | None = None) -> EMA:
+    """``steps`` AdamW steps on ``trained`` (no weight decay; :func:`_lr_lambda` schedule; gradients clipped to norm
+    1) with ``loss_of_step(k)`` the loss of batch k; returns the EMA of the weights. ``after_step(k, ema)`` runs
+    after each step (sample grids)."""
+    optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup_steps))
+    ema = EMA(trained, ema_decay)
+    progress = tqdm(range(steps), desc=desc, mininterval=2.0)
     running = None
     for step in progress:
-        loss = diffusion_loss(config, step, pipeline, schedule)
+        loss = loss_of_step(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -284,10 +282,28 @@ def train_diffusion(config: PretrainConfig, pipeline, output_dir: Path) -> EMA:
         ema.update(step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         progress.set_postfix(loss=f"{running:.4f}", refresh=False)
+        if after_step is not None:
+            after_step(step, ema)
+    return ema
+
+
+def train_diffusion(config: PretrainConfig, pipeline, output_dir: Path) -> EMA:
+    """Stage 2: trains the UNet and text encoder jointly; returns the EMA of their weights."""
+    schedule = Schedule.from_scheduler_config(pipeline.scheduler.config)
+    trained = [*pipeline.unet.parameters(), *pipeline.text_encoder.parameters()]
+    pipeline.vae.requires_grad_(False)
+    pipeline.unet.train()
+    pipeline.text_encoder.train()
+
+    def write_grid(step: int, ema: EMA) -> None:
         if config.sample_every and (step + 1) % config.sample_every == 0 and step + 1 < config.unet_steps:
             with ema.applied():
                 write_samples(config, _frozen_policy(pipeline), output_dir / "samples" / f"step_{step + 1:06d}.png")
-    return ema
+
+    # No weight decay: only the ~30 caption words' rows of the 49,408-row token embedding ever get a gradient.
+    return optimize(trained, lambda step: diffusion_loss(config, step, pipeline, schedule), config.unet_steps,
+                    config.unet_learning_rate, config.warmup_steps, config.ema_decay,
+                    "pretrain shapes: UNet + text encoder", write_grid)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -300,8 +316,8 @@ def _frozen_policy(pipeline) -> Policy:
 
 
 def _sample_batched(policy: Policy, prompts: Sequence[str], seeds: Sequence[int], guidance_scale: float,
-                    batch_size: int = 64) -> torch.Tensor:
-    settings = StepSettings(num_inference_steps=EVAL_STEPS, guidance_scale=guidance_scale, eta=0.0)
+                    batch_size: int = 64, num_inference_steps: int = EVAL_STEPS) -> torch.Tensor:
+    settings = StepSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=0.0)
     parts = [sample(policy, prompts[i : i + batch_size], seeds[i : i + batch_size], settings).images
              for i in range(0, len(prompts), batch_size)]
     return torch.cat(parts)
@@ -349,8 +365,10 @@ def eval_captions(seed: int, split: str, family: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_base_model(policy: Policy, seed: int, samples_per_family: int, guidance_scale: float) -> dict:
-    """Strict accuracy and mean score of the verifiable reward per split and family, at 20 DDIM steps (η = 0).
+def evaluate_base_model(policy: Policy, seed: int, samples_per_family: int, guidance_scale: float,
+                        num_inference_steps: int = EVAL_STEPS) -> dict:
+    """Strict accuracy and mean score of the verifiable reward per split and family, at ``num_inference_steps``
+    DDIM steps (default 20; η = 0).
 
     Returns ``{split: {family: {"strict": …, "score": …, "n": …}}}`` (no singles in the held-out split).
     """
@@ -362,7 +380,7 @@ def evaluate_base_model(policy: Policy, seed: int, samples_per_family: int, guid
                 continue
             prompts = eval_captions(seed, split, family, samples_per_family)
             seeds = [derive_seed(seed, FAMILIES.index(family), i, EVAL_STREAM) for i in range(len(prompts))]
-            images = _sample_batched(policy, prompts, seeds, guidance_scale)
+            images = _sample_batched(policy, prompts, seeds, guidance_scale, num_inference_steps=num_inference_steps)
             score, strict = reward.evaluate(images, prompts)
             results[split][family] = {"strict": round(strict.float().mean().item(), 4),
                                       "score": round(score.mean().item(), 4), "n": len(prompts)}
