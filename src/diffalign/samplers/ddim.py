@@ -77,6 +77,11 @@ def _gather(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tenso
     return values[index].reshape(-1, *([1] * (ndim - 1)))
 
 
+def _gather_prev(alphas_cumprod: torch.Tensor, t_prev: torch.Tensor, final: torch.Tensor, ndim: int) -> torch.Tensor:
+    """ᾱ_prev for per-sample ``t_prev`` [B] (``final`` where t_prev < 0, the last step), shaped like :func:`_gather`."""
+    return torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final).reshape(-1, *([1] * (ndim - 1)))
+
+
 def ddim_step(
     model_output: torch.Tensor,
     x_t: torch.Tensor,
@@ -122,8 +127,7 @@ def ddim_step(
     final = torch.as_tensor(final_alpha_cumprod, device=x_t.device, dtype=torch.float32)
 
     alpha_t = _gather(alphas_cumprod, t, x_t.ndim)
-    alpha_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
-    alpha_prev = alpha_prev.reshape(-1, *([1] * (x_t.ndim - 1)))
+    alpha_prev = _gather_prev(alphas_cumprod, t_prev, final, x_t.ndim)
     beta_t = 1 - alpha_t
 
     # x̂0 and ε̂ for each parameterisation (DDIM eq. 12 / Salimans & Ho 2022 for v).

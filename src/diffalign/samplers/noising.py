@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.samplers.ddim import _LOG_SQRT_2PI, PredictionType, Reduction, _gather
+from diffalign.samplers.ddim import _LOG_SQRT_2PI, PredictionType, Reduction, _gather, _gather_prev
 
 
 def _reduce(values: torch.Tensor, reduction: Reduction, caller: str) -> torch.Tensor:
@@ -110,8 +110,7 @@ def _stride_kernel(x_prev: torch.Tensor, t, t_prev, alphas_cumprod: torch.Tensor
     alphas_cumprod = alphas_cumprod.to(device=x_prev.device, dtype=torch.float32)
     final = torch.as_tensor(final_alpha_cumprod, device=x_prev.device, dtype=torch.float32)
     alpha_t = _gather(alphas_cumprod, t, x_prev.ndim)
-    alpha_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
-    alpha_prev = alpha_prev.reshape(-1, *([1] * (x_prev.ndim - 1)))
+    alpha_prev = _gather_prev(alphas_cumprod, t_prev, final, x_prev.ndim)
     ratio = alpha_t / alpha_prev  # ᾱ_t / ᾱ_prev = ∏ (1 − β_s) over the stride
     return ratio.sqrt() * x_prev.float(), 1 - ratio
 

@@ -35,7 +35,7 @@ from diffalign import rewards
 from diffalign.models import load_policy
 from diffalign.models.latent_reward import LatentRewardConfig, LatentRewardModel
 from diffalign.models.policy import Policy
-from diffalign.rollout import StepSettings, derive_seed, sample_batched, sample_seed
+from diffalign.rollout import StepSettings, derive_seed, sample, sample_seed
 from diffalign.samplers import q_sample
 
 DATA_FILE, CHECKPOINT_FILE, METRICS_FILE = "data.pt", "checkpoint.pt", "metrics.json"
@@ -164,7 +164,7 @@ def labelled_latents(config: LatentRewardTrainingConfig, policy: Policy) -> dict
         settings = StepSettings(config.sample_steps, config.guidance_scale, eta=1.0)
         latents, images = [], []
         for i in tqdm(range(0, len(prompts), 64), desc="generating"):
-            rollout = sample_batched(policy, prompts[i : i + 64], seeds[i : i + 64], settings, batch_size=64)
+            rollout = sample(policy, prompts[i : i + 64], seeds[i : i + 64], settings)
             latents.append(rollout.latents[:, -1].float().cpu())
             images.append(rollout.images.cpu())
         latents, images = torch.cat(latents), torch.cat(images)
