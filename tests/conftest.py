@@ -11,7 +11,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads (these machines have two cores), unless OMP_NUM_THREADS asks for another count (e.g. 1 while other
+# torch work shares the cores, where two threads are several times slower).
+_requested = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_requested) if _requested.isdigit() and int(_requested) >= 1 else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

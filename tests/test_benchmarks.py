@@ -103,3 +103,87 @@ def test_steering_table_counts_compute_per_image():
     assert rows[("best-of-n", 2)]["denoiser_passes_per_image"] == 80
     assert rows[("svdd", 2)]["denoiser_passes_per_image"] == 78  # x_T once, 19 steps × 2 candidates, 2 rows
     assert rows[("best-of-n", 2)]["reward_calls_per_image"] == 2 and "| svdd | 2 |" in result["markdown"]
+
+
+def test_bench_vs_trl_reports_medians_of_epochs_two_on():
+    bench = _load("bench_vs_trl")
+
+    def run(epochs, peak_rss_mb):  # (epoch_s, cpu_s) per epoch
+        return {"epochs": [{"epoch_s": e, "sample_s": e / 2, "train_s": e / 4, "cpu_s": c, "wall_s": e}
+                           for e, c in epochs], "peak_rss_mb": peak_rss_mb}
+
+    runs = {"diffalign": [run([(9.0, 9.0), (2.0, 4.0), (4.0, 6.0)], 300.0), run([(9.0, 9.0), (3.0, 3.0)], 310.0)],
+            "trl": [run([(20.0, 20.0), (4.0, 8.0), (6.0, 6.0)], 500.0), run([(20.0, 20.0), (8.0, 8.0)], 480.0)]}
+    result = bench.summarise(runs)
+    # epoch 1 of each run (9 s, 20 s) is a warm-up: medians of {2, 4, 3} and {4, 6, 8}
+    assert result["diffalign_epoch_s"] == 3.0 and result["trl_epoch_s"] == 6.0
+    assert result["ratio_diffalign_to_trl"] == 0.5
+    assert result["diffalign_sample_s"] == 1.5 and result["trl_train_s"] == 1.5
+    # CPU over wall of the measured epochs: (4 + 6 + 3) / (2 + 4 + 3) and (8 + 6 + 8) / (4 + 6 + 8)
+    assert result["diffalign_cores_busy"] == pytest.approx(13 / 9, abs=1e-4)
+    assert result["trl_cores_busy"] == pytest.approx(22 / 18, abs=1e-4)
+    assert result["diffalign_peak_rss_mb"] == 310.0 and result["trl_peak_rss_mb"] == 500.0
+    without_trl = bench.summarise({"diffalign": runs["diffalign"], "trl": []})
+    assert without_trl["trl_epoch_s"] is None and without_trl["ratio_diffalign_to_trl"] is None
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+def test_bench_vs_trl_configures_both_sides_alike(batch):
+    from diffalign.config import preset, replace
+
+    bench = _load("bench_vs_trl")
+    s = bench.settings(bench.Args(batch=batch))
+    trl = bench.trl_config(s)
+    config = replace(preset("ddpo-tiny"), **bench.diffalign_overrides(s)).check()
+    # 32 samples per epoch; one optimizer step per epoch: the accumulation spans every training minibatch
+    assert trl["sample_batch_size"] * trl["sample_num_batches_per_epoch"] == config.sample.samples_per_device == 32
+    assert trl["train_batch_size"] * trl["train_gradient_accumulation_steps"] == 32
+    assert config.train.batch_size_per_device * config.train.gradient_accumulation_steps == 32
+    assert (config.sample.batch_size_per_device, config.train.batch_size_per_device) == (batch, batch)
+    assert (config.sample.num_inference_steps, config.sample.eta, config.sample.guidance_scale) == (
+        trl["sample_num_steps"], trl["sample_eta"], trl["sample_guidance_scale"]) == (20, 1.0, 5.0)
+    assert (config.method.timestep_fraction, trl["train_timestep_fraction"]) == (1.0, 1.0)
+    assert (config.method.clip_range, config.method.adv_clip_max) == (trl["train_clip_range"],
+                                                                      trl["train_adv_clip_max"])
+    assert config.train.learning_rate == trl["train_learning_rate"]
+    # TRL's DefaultDDPOStableDiffusionPipeline: LoraConfig(r=4, lora_alpha=4, target_modules=[to_k, to_q, to_v,
+    # to_out.0])
+    assert (config.model.lora_rank, config.model.lora_alpha) == (4, 4.0)
+    assert set(config.model.lora_target_modules) == {"to_k", "to_q", "to_v", "to_out.0"}
+    assert not config.method.advantages.per_prompt and not trl["per_prompt_stat_tracking"]
+    with pytest.raises(ValueError, match="--batch"):
+        bench.settings(bench.Args(batch=12))
+
+
+def test_bench_vs_trl_reward_and_pipeline_match_diffalign():
+    import torch
+
+    from diffalign import rewards
+
+    bench = _load("bench_vs_trl")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores, _ = bench.jpeg_compressibility(images, ("a",) * 3, ({},) * 3)
+    assert torch.equal(scores, rewards.get("jpeg_compressibility")(images, ["a"] * 3))
+    unet = bench.build_pipeline(0).unet
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 2) == 0.79  # the size the benchmark promises
+    # torch first and without its local label (2.13.0+cpu → 2.13.0), then TRL, then this environment's versions
+    requirements = bench.trl_requirements()
+    assert requirements[:2] == [f"torch=={torch.__version__.split('+')[0]}", "trl==0.23.1"]
+    assert {r.split("==")[0] for r in requirements[2:]} == set(bench.PINNED_PACKAGES)
+
+
+def test_bench_reliability_reads_phases_and_the_memory_slope():
+    bench = _load("bench_reliability")
+    # (time, phase, epoch, rss MB): each phase lasts until the next line
+    events = [(0.0, "start", -1, 100.0), (1.0, "sampling", 0, 100.0), (3.0, "reward", 0, 101.0),
+              (3.5, "training", 0, 101.0), (4.5, "checkpoint", 0, 102.0), (4.6, "sampling", 1, 102.0),
+              (6.6, "reward", 1, 102.0), (7.2, "training", 1, 102.0), (8.0, "done", 1, 102.0)]
+    durations = bench.phase_durations(events)
+    assert durations["sampling"] == pytest.approx(2.0) and durations["checkpoint"] == pytest.approx(0.1)
+    assert durations["reward"] == pytest.approx(0.6)  # the median of 0.5 and 0.6 (upper of two)
+    # RSS at each epoch's start grows 0.5 MB an epoch → 50 MB per 100 epochs (the first 10 % skipped)
+    ramp = [(float(e), "sampling", e, 200.0 + 0.5 * e) for e in range(40)]
+    slope, series = bench.rss_slope(ramp)
+    assert slope == pytest.approx(50.0) and series[0] == 200.0 and len(series) == 40
+    flat = [(float(e), "sampling", e, 300.0 + (e % 2)) for e in range(40)]
+    assert abs(bench.rss_slope(flat)[0]) < 0.5  # a ±0.5 MB wobble is no trend

@@ -195,9 +195,19 @@ def _sample(args: list[str]) -> Path:
         errors.append(f"--guide {parsed.guide} and --steer {parsed.steer} cannot be combined; choose one")
     if parsed.guide == "rcgd":
         errors += guide_config.validate(settings, guide)
+    if Path(parsed.out).exists() and not Path(parsed.out).is_dir():
+        errors.append(f"--out {parsed.out!r} is a file, not a folder")
     if errors:
         raise SystemExit(f"{prog}: invalid settings:\n  - " + "\n  - ".join(errors))
-    policy = load_policy(parsed.model)
+    try:
+        policy = load_policy(parsed.model)
+    except ValueError as error:
+        raise SystemExit(f"{prog}: --model: {error}") from None
+    try:
+        policy.schedule.timesteps(settings.num_inference_steps)
+    except ValueError as error:
+        raise SystemExit(f"{prog}: --num-inference-steps {settings.num_inference_steps} does not fit model "
+                         f"{parsed.model!r}: {error}") from None
     if parsed.lora:
         _load_lora_into(policy, parsed.lora)
     reward = rewards.get(parsed.reward, device=policy.device) if parsed.reward else None
@@ -430,6 +440,7 @@ class EvalArgs:
 def _evaluated_configs(parsed: EvalArgs) -> list[tuple[str, object, str | None]]:
     """(label, config, LoRA folder or None) for every run folder and base model asked for."""
     from diffalign.config import config_from_dict, preset, replace
+    from diffalign.models import resolve_model
     from diffalign.train.checkpoint import latest_checkpoint
 
     entries = []
@@ -443,6 +454,10 @@ def _evaluated_configs(parsed: EvalArgs) -> list[tuple[str, object, str | None]]
         entries.append((Path(run_dir).name, config, str(latest_checkpoint(run_dir) / "lora")))
     first_run = entries[0][1] if entries else None
     for name in parsed.model:
+        try:
+            resolve_model(name)
+        except ValueError as error:
+            raise ValueError(f"--model: {error}") from None
         if parsed.preset is not None:
             base = preset(parsed.preset)
         else:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 from diffalign.algorithms import ALGORITHMS, MethodConfig, algorithm_name
@@ -47,6 +50,17 @@ class ModelConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """accelerate mixed precision; the frozen VAE and text encoder run in this dtype. Log-probs stay fp32."""
 
+    def validate(self) -> list[str]:
+        errors = []
+        if self.lora_rank < 1:
+            errors.append(f"model.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0 < self.lora_alpha < math.inf:
+            errors.append(f"model.lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not self.lora_target_modules or not all(name.strip() for name in self.lora_target_modules):
+            errors.append(f"model.lora_target_modules must name at least one UNet module (e.g. "
+                          f"{', '.join(DEFAULT_TARGET_MODULES)}), got {self.lora_target_modules!r}")
+        return errors
+
 
 @dataclass
 class SamplerConfig:
@@ -68,10 +82,10 @@ class SamplerConfig:
         errors = []
         if self.num_inference_steps < 1:
             errors.append(f"sample.num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale < 0:
-            errors.append(f"sample.guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.eta < 0:
-            errors.append(f"sample.eta must be >= 0, got {self.eta}")
+        if not 0 <= self.guidance_scale < math.inf:
+            errors.append(f"sample.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if not 0 <= self.eta < math.inf:
+            errors.append(f"sample.eta must be a finite number >= 0, got {self.eta}")
         return errors
 
 
@@ -118,6 +132,20 @@ class TrainConfig:
     """Skip an optimizer step whose loss or gradient norm is NaN or infinite (gradients zeroed; counted per epoch
     as train/skipped_steps) instead of stopping the run with an error naming the epoch, the method and the value."""
 
+    def validate(self) -> list[str]:
+        """The optimizer's ranges (AdamW's own checks, raised here before anything runs), and a positive clipping
+        threshold (a negative one would flip every gradient)."""
+        errors = [f"train.{name} must be {rule}, got {value}"
+                  for name, value, ok, rule in [
+                      ("learning_rate", self.learning_rate, 0 <= self.learning_rate < math.inf, "a finite number >= 0"),
+                      ("adam_beta1", self.adam_beta1, 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+                      ("adam_beta2", self.adam_beta2, 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+                      ("adam_weight_decay", self.adam_weight_decay, 0 <= self.adam_weight_decay < math.inf,
+                       "a finite number >= 0"),
+                      ("adam_epsilon", self.adam_epsilon, 0 <= self.adam_epsilon < math.inf, "a finite number >= 0"),
+                      ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0")] if not ok]
+        return errors
+
 
 @dataclass
 class RewardConfig:
@@ -139,11 +167,24 @@ class RewardConfig:
 
     def validate(self) -> list[str]:
         from diffalign import rewards
+        from diffalign.rewards.registry import converted_kwargs
 
         errors = []
-        for label, name in [("reward.name", self.name), ("reward.gold", self.gold)]:
-            if name is not None and name not in rewards.names():
+        rewards_and_kwargs = [("reward.name", self.name, "reward.kwargs", self.kwargs),
+                              ("reward.gold", self.gold_name, "reward.gold_kwargs", self.gold_kwargs)]
+        for label, name, kwargs_label, kwargs in rewards_and_kwargs:
+            if name is None:
+                if kwargs:
+                    errors.append(f"{kwargs_label} {kwargs!r} given without {label}")
+            elif name not in rewards.names():
                 errors.append(f"{label}: reward {name!r} is not registered; choose one of {', '.join(rewards.names())}")
+            elif "device" in kwargs:
+                errors.append(f"{kwargs_label}: 'device' is not a reward keyword here (the run places its rewards)")
+            else:
+                try:
+                    converted_kwargs(name, kwargs)
+                except ValueError as error:
+                    errors.append(f"{kwargs_label}: {error}")
         return errors
 
     def differentiability_errors(self, algorithm: str) -> list[str]:
@@ -256,21 +297,29 @@ class Config(Generic[M]):
         return {"algorithm": self.algorithm, **dataclasses.asdict(self)}
 
     def validate(self) -> list[str]:
-        """Every problem with this config, each naming the field, the value and what is allowed."""
+        """Every problem with this config, each naming the field, the value and what is allowed. Fields of the
+        wrong type (or NaN) are reported alone: the other rules cannot be checked on them."""
         from diffalign import prompts
         from diffalign.models import resolve_model
+        from diffalign.models import Schedule
+        from diffalign.models.loading import scheduler_config
 
-        s, t, errors = self.sample, self.train, []
+        errors = type_errors(self)
+        if errors:
+            return errors
+        s, t = self.sample, self.train
         for name, value in [("sample.batch_size_per_device", s.batch_size_per_device),
                             ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
                             ("train.batch_size_per_device", t.batch_size_per_device),
                             ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                             ("epochs", self.epochs), ("save_freq", self.save_freq),
-                            ("model.lora_rank", self.model.lora_rank),
                             ("sample.samples_per_prompt", s.samples_per_prompt)]:
             if value < 1:
                 errors.append(f"{name} must be >= 1, got {value}")
-        errors += s.validate()
+        errors += self.model.validate() + s.validate() + t.validate()
+        if not 0 <= self.seed < 2**32:
+            errors.append(f"seed must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
+        errors += _path_errors(self.run_dir, self.resume)
         if self.keep_last is not None and self.keep_last < 0:
             errors.append(f"keep_last must be >= 0 (0 or None: keep every checkpoint), got {self.keep_last}")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
@@ -304,6 +353,18 @@ class Config(Generic[M]):
                 check()
             except ValueError as error:
                 errors.append(f"{label}: {error}")
+        scheduler = None if any(e.startswith("model.name") for e in errors) else scheduler_config(self.model.name)
+        if scheduler is not None and s.num_inference_steps >= 1:
+            try:
+                schedule = Schedule.from_scheduler_config(scheduler)
+            except Exception:  # a broken scheduler config: loading the model reports it
+                schedule = None
+            try:
+                if schedule is not None:
+                    schedule.timesteps(s.num_inference_steps)
+            except ValueError as error:
+                errors.append(f"sample.num_inference_steps ({s.num_inference_steps}) does not fit model "
+                              f"{self.model.name!r}: {error}")
         return errors
 
     def check(self) -> Config:
@@ -312,6 +373,98 @@ class Config(Generic[M]):
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self
+
+
+def _path_errors(run_dir: str | None, resume: str | None) -> list[str]:
+    """``run_dir`` must be a folder or creatable as one (no file in the way); ``resume`` must exist."""
+    errors = []
+    if run_dir is not None:
+        try:
+            if "\0" in run_dir:
+                raise ValueError("it contains a NUL character")
+            path = Path(run_dir)
+            for folder in [path, *path.parents]:
+                if folder.exists():
+                    if not folder.is_dir():
+                        errors.append(f"run_dir {run_dir!r}: {str(folder)!r} is a file, not a folder")
+                    break
+        except (OSError, ValueError) as error:
+            errors.append(f"run_dir {run_dir!r} is not a usable folder path ({error})")
+    if resume is not None:
+        try:
+            exists = "\0" not in resume and Path(resume).exists()
+        except OSError:
+            exists = False
+        if not exists:
+            errors.append(f"resume: {resume!r} does not exist (give a checkpoint folder or a run folder)")
+    return errors
+
+
+def _describe(hint, article: bool = True) -> str:
+    """A type annotation in words, for error messages ("an int", "a tuple (or list) of str", "a number or None")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, article) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"{'a ' if article else ''}tuple (or list) of {_describe(args[0], False)}"
+    if origin is dict:
+        return f"{'a ' if article else ''}dict of {_describe(args[0], False)} to {_describe(args[1], False)}"
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, TypeVar):
+        return _describe(hint.__bound__, article)
+    if hint is float:
+        return "a number" if article else "number"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{'an' if name[0] in 'AEIOUaeiou' else 'a'} {name}" if article else name
+
+
+def _has_type(value, hint) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (bool is not an int here; an int is a float; NaN is not a
+    number). Annotations this does not know are not judged."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                               for k, v in value.items())
+    if isinstance(hint, TypeVar):
+        return hint.__bound__ is None or isinstance(value, hint.__bound__)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_errors(config, prefix: str = "") -> list[str]:
+    """An error for every field of the dataclass ``config`` (and of the dataclasses in it) whose value does not
+    have the field's declared type, naming the field, the value and the type."""
+    errors = []
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        name, value, hint = prefix + f.name, getattr(config, f.name), hints.get(f.name)
+        if hint is None:
+            continue
+        if not _has_type(value, hint):
+            errors.append(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            errors += type_errors(value, f"{name}.")
+    return errors
 
 
 def with_algorithm(config: Config, name: str) -> Config:
@@ -351,19 +504,20 @@ def replace(config, **changes):
     return dataclasses.replace(config, **flat)
 
 
-def _from_data(cls, data: dict):
-    """The dataclass ``cls`` from JSON data: nested dataclasses by their annotations, JSON lists as tuples."""
+def _from_data(cls, data: dict, where: str = "config"):
+    """The dataclass ``cls`` from JSON data: nested dataclasses by their annotations, JSON lists as tuples. Errors
+    name the field (``where``, e.g. ``config.model``); value types are left to :meth:`Config.validate`."""
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a JSON object ({cls.__name__}), got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+        raise ValueError(f"{where}: {cls.__name__} has no field(s) {', '.join(sorted(map(str, unknown)))}")
     values = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            value = _from_data(hint, value)
+            value = _from_data(hint, value, f"{where}.{name}")
         elif isinstance(value, list):
             value = tuple(value)
         values[name] = value
@@ -372,11 +526,13 @@ def _from_data(cls, data: dict):
 
 def config_from_dict(data: dict) -> Config:
     """The config a run folder's ``config.json`` holds (the inverse of :meth:`Config.to_dict`)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("algorithm", None)
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:
         raise ValueError(f"config: algorithm {name!r} is not registered ({', '.join(ALGORITHMS)})")
-    method = _from_data(ALGORITHMS[name].config_class, data.pop("method", {}))
+    method = _from_data(ALGORITHMS[name].config_class, data.pop("method", {}), "config.method")
     return dataclasses.replace(_from_data(Config, data), method=method)
 
 

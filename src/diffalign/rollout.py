@@ -92,8 +92,11 @@ class Conditioning:
 
 
 def encode(policy: Policy, prompts: Sequence[str], settings: StepSettings) -> Conditioning:
-    """The conditioning of ``prompts`` (with the negative prompt's embedding when ``settings`` guide)."""
-    negative = policy.encode_prompts([settings.negative_prompt] * len(prompts)) if settings.guided else None
+    """The conditioning of ``prompts`` (with the negative prompt's embedding when ``settings`` guide: encoded once
+    and shared by every row, a broadcast view)."""
+    negative = None
+    if settings.guided:
+        negative = policy.encode_prompts([settings.negative_prompt]).expand(len(prompts), -1, -1)
     return Conditioning(policy.encode_prompts(prompts), negative)
 
 

@@ -18,20 +18,6 @@ REPO = Path(__file__).resolve().parents[2]
 LAION_DIR = Path(os.environ.get("DIFFALIGN_LAION_AESTHETIC_DIR", REPO.parent / "shared" / "data" / "laion-aesthetic"))
 
 
-@pytest.fixture(autouse=True)
-def _respect_omp_num_threads():
-    """tests/conftest.py sets torch to 2 threads; honour an explicit OMP_NUM_THREADS (e.g. 1 while others run
-    torch on the same 2 cores, where 2 threads are ~10x slower) for the reward tests, then restore."""
-    requested = os.environ.get("OMP_NUM_THREADS", "")
-    if not requested.isdigit() or int(requested) < 1:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(requested))
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A tiny random CLIPModel with projection dim 768 (the LAION head's input); treat as read-only."""

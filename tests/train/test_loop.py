@@ -38,6 +38,8 @@ def test_run_folder_has_everything(full_run):
     # 4 samples / train batch 2 = 2 minibatches per epoch, accumulated 2 → 1 optimizer step per epoch
     assert [r["global_step"] for r in records] == [1, 2, 3]
     assert all(abs(r["policy/ratio_mean"] - 1) < 1e-3 for r in records)
+    # DESIGN.md: before the first update of an epoch the recomputed log-probs equal the sampler's (fp32)
+    assert all(0 <= r["policy/first_step_ratio_error"] < 1e-6 for r in records)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) >= {"base", "final"} and summary["epochs"] == 3
     state = json.loads((run / "checkpoints/3/trainer_state.json").read_text())
@@ -65,6 +67,31 @@ def test_resume_continues_bit_identically(full_run):
     opt_a = torch.load(run / "checkpoints/3/optimizer.pt", weights_only=True)
     opt_b = torch.load(resumed / "checkpoints/3/optimizer.pt", weights_only=True)
     assert all(torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"]) for k in opt_a["state"])
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_at_resume(tmp_path):
+    from diffalign.train.run import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.metrics_path.write_text('{"epoch": 0, "reward/mean": 1.0}\n{"epoch": 1, "reward/mean": 2.0}\n{"epoch": 2, "rew')
+    run.truncate_metrics(epochs_done=2)
+    assert run.metrics() == [{"epoch": 0, "reward/mean": 1.0}, {"epoch": 1, "reward/mean": 2.0}]
+    run.truncate_metrics(epochs_done=1)
+    assert run.metrics() == [{"epoch": 0, "reward/mean": 1.0}]
+
+
+def test_bf16_reports_the_first_step_ratio_drift(tmp_path):
+    """Under bf16 the drift of the first step's ratio is reported; the prepared UNet autocasts when sampling and
+    when training alike, so the recomputed log-probs stay those of the sampler."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process's accelerate state fixes the precision
+    try:
+        run = train(_tiny(tmp_path, "bf16", epochs=1, **{"model.mixed_precision": "bf16"})).run_dir
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["policy/first_step_ratio_error"] < 1e-2 and record["policy/approx_kl"] < 1e-4
 
 
 def test_exported_lora_reproduces_the_trained_policy(full_run):

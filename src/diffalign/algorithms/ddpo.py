@@ -91,6 +91,7 @@ def ppo_clip_loss(
             "policy/approx_kl_sq": 0.5 * (log_ratio**2).mean(),
             "policy/clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
             "policy/ratio_mean": ratio.mean(),
+            "policy/ratio_max_dev": (ratio - 1).abs().max(),
         }
     return loss, metrics
 

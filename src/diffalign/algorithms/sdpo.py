@@ -271,6 +271,7 @@ class SDPO(Algorithm):
             metrics = {
                 "policy/loss": loss.detach(),
                 "policy/approx_kl": ((log_ratio.exp() - 1) - log_ratio).mean(),
+                "policy/ratio_max_dev": (log_ratio.exp() - 1).abs().max(),
                 "sdpo/clipfrac": torch.zeros(()) if clipped is None else (clipped > unclipped).float().mean(),
                 "sdpo/adv_clipfrac": (moves.advantages.abs() > c.adv_clip_max).float().mean(),
             }

@@ -8,6 +8,7 @@ network or a cache).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffalign.models.policy import Policy, Schedule
 from diffalign.models.shapes import base_model_path
-from diffalign.models.tiny import build_tiny_pipeline
+from diffalign.models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -33,6 +34,14 @@ PIPELINE_FILES = (
     "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
     "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json",
 )
+
+#: Pipeline classes (``model_index.json``'s ``_class_name``) whose folders load as a Policy: SD 1.x/2.x layouts.
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+#: The config file of each component a pipeline folder must have, and the classes it may declare (None: any).
+COMPONENT_CONFIGS = {
+    "unet/config.json": ("UNet2DConditionModel",), "vae/config.json": ("AutoencoderKL",),
+    "text_encoder/config.json": None, "scheduler/scheduler_config.json": None,
+}
 
 _builders: dict[str, Callable[[Path], Path]] = {}
 
@@ -86,14 +95,67 @@ def cached_model(name: str) -> Path:
     return _builders[name](path)
 
 
+def _read_json(path: Path, folder: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model folder {str(folder)!r}: {path.relative_to(folder)} is not readable JSON "
+                         f"({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model folder {str(folder)!r}: {path.relative_to(folder)} holds a {type(data).__name__}, "
+                         "not a JSON object")
+    return data
+
+
+def check_pipeline_folder(path: Path) -> None:
+    """Raises ValueError naming ``path`` unless it holds a Stable-Diffusion-format pipeline: a ``model_index.json``
+    of one of :data:`SD_PIPELINES` and each component's config (:data:`COMPONENT_CONFIGS`) of an expected class."""
+    if not (path / "unet").is_dir():
+        raise ValueError(f"model folder {str(path)!r} has no unet/ subfolder: not a Stable-Diffusion-format pipeline")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"model folder {str(path)!r} has no model_index.json: not a diffusers pipeline folder "
+                         "(write one with pipeline.save_pretrained(folder))")
+    kind = _read_json(path / "model_index.json", path).get("_class_name")
+    if kind not in SD_PIPELINES:
+        raise ValueError(f"model folder {str(path)!r} holds a {kind!r}, not a Stable-Diffusion-format pipeline "
+                         f"({' or '.join(SD_PIPELINES)}: a UNet2DConditionModel, an AutoencoderKL and a CLIP text "
+                         "encoder)")
+    missing = [name for name in COMPONENT_CONFIGS if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"model folder {str(path)!r} is incomplete: missing {', '.join(missing)}")
+    for name, classes in COMPONENT_CONFIGS.items():
+        declared = _read_json(path / name, path).get("_class_name")
+        if classes is not None and declared is not None and declared not in classes:
+            raise ValueError(f"model folder {str(path)!r}: {name} declares a {declared!r}, expected "
+                             f"{' or '.join(classes)}")
+
+
+def scheduler_config(name: str) -> dict | None:
+    """Model ``name``'s scheduler config when known without loading the model (the built-in models made from SD's
+    schedule, and pipeline folders), else None."""
+    if name in ("tiny", "shapes"):
+        return dict(SD_SCHEDULER_CONFIG)
+    path = Path(name).expanduser() / "scheduler" / "scheduler_config.json"
+    if name in CACHED_MODELS:
+        path = cached_model_path(name) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def resolve_model(name: str) -> str:
     """Checks a model name and returns it, or the folder it names; raises ValueError naming the fix."""
     if name in BUILTIN_MODELS:
         return name
     path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "unet").is_dir():
-            raise ValueError(f"model folder {str(path)!r} has no unet/ subfolder: not a Stable-Diffusion-format pipeline")
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL character
+        is_dir = False
+    if is_dir:
+        check_pipeline_folder(path)
         return str(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return name
@@ -113,10 +175,43 @@ def load_policy(name: str, revision: str | None = None) -> Policy:
     elif source in CACHED_MODELS:
         source = str(cached_model(source))
     kwargs = dict(revision=revision) if revision else {}
-    return Policy(
-        UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
-        AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
-        CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-        CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-        Schedule.from_scheduler_config(DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)),
-    )
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+        "scheduler": lambda: Schedule.from_scheduler_config(DDIMScheduler.load_config(source, subfolder="scheduler",
+                                                                                      **kwargs)),
+    }
+    parts = {}
+    for part, load in loaders.items():
+        try:
+            parts[part] = load()
+        except Exception as error:  # whatever diffusers or transformers raise on a file they cannot use
+            raise ValueError(f"model {source!r}: its {part} does not load ({type(error).__name__}: {error})") from error
+    check_components(source, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"])
+    return Policy(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"])
+
+
+def check_components(source: str, unet, vae, text_encoder, tokenizer) -> None:
+    """Raises ValueError naming ``source`` unless the components fit together as Stable Diffusion's do."""
+    u, errors = unet.config, []
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        errors.append(f"the tokenizer pads prompts to {tokenizer.model_max_length} tokens but the text encoder has "
+                      f"{positions} positions (tokenizer/tokenizer_config.json missing, or without model_max_length?)")
+    if u.in_channels != vae.config.latent_channels or u.out_channels != u.in_channels:
+        errors.append(f"the UNet maps {u.in_channels} to {u.out_channels} channels but the VAE's latents have "
+                      f"{vae.config.latent_channels} (an inpainting or other non-text-to-image UNet?)")
+    cross = u.cross_attention_dim if isinstance(u.cross_attention_dim, (list, tuple)) else [u.cross_attention_dim]
+    if any(dim != text_encoder.config.hidden_size for dim in cross):
+        errors.append(f"the UNet attends to {u.cross_attention_dim}-wide text states but the text encoder's are "
+                      f"{text_encoder.config.hidden_size} wide")
+    scale = vae.config.scaling_factor
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        errors.append(f"the VAE's scaling_factor must be a finite number > 0, got {scale!r}")
+    if u.addition_embed_type not in (None, "text"):
+        errors.append(f"the UNet needs extra conditioning (addition_embed_type={u.addition_embed_type!r}, as SDXL's); "
+                      "only Stable-Diffusion 1.x/2.x-format UNets are supported")
+    if errors:
+        raise ValueError(f"model {source!r} is not a consistent Stable-Diffusion pipeline: " + "; ".join(errors))

@@ -22,6 +22,12 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: Sequence[
     """Freezes ``unet`` and adds a trainable LoRA adapter (B initialised to zero, so the model is unchanged)."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
+    # peft's rule: a target names a module whose full name is it or ends in "." + it; LoRA wraps Linear and Conv.
+    layers = [name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in layers)]
+    if not target_modules or unmatched:
+        raise ValueError(f"lora target modules {list(target_modules)!r}: {unmatched or 'none'} name no Linear or "
+                         f"Conv2d layer of the UNet (e.g. {', '.join(DEFAULT_TARGET_MODULES)})")
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))

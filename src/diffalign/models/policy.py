@@ -41,6 +41,13 @@ class Schedule:
         """Builds the schedule from any diffusers scheduler config (Euler, PNDM, DDIM, ... all share betas)."""
         if config.get("thresholding", False):
             raise ValueError("scheduler config: dynamic thresholding is not supported; set thresholding=False")
+        for key, allowed in [("prediction_type", ("epsilon", "v_prediction", "sample")),
+                             ("timestep_spacing", ("leading", "trailing", "linspace"))]:
+            if config.get(key, allowed[0]) not in allowed:
+                raise ValueError(f"scheduler config: {key} must be one of {', '.join(allowed)}, got {config[key]!r}")
+        steps = config.get("num_train_timesteps", 1000)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"scheduler config: num_train_timesteps must be an int >= 1, got {steps!r}")
         ddim = DDIMScheduler.from_config(config)
         return cls(
             alphas_cumprod=ddim.alphas_cumprod.float().clone(),
@@ -169,6 +176,16 @@ class Policy(nn.Module):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder hidden states ``[B, L, D]`` for ``prompts`` (padded to the tokenizer's max length)."""
+        if isinstance(prompts, str):
+            raise ValueError(f"encode_prompts: prompts must be a list of strings, got the single string {prompts!r}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"encode_prompts: prompt {i} is a {type(prompt).__name__} ({prompt!r}), not a string")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"encode_prompts: prompt {i} ({prompt!r}) is not valid text: {error.reason} at "
+                                 f"character {error.start} (a lone surrogate, e.g. from undecodable bytes)") from None
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",

@@ -38,14 +38,40 @@ def _asset_lines(name: str) -> list[str]:
 
 
 def read_prompt_file(path: str | Path) -> PromptList:
-    """Prompts from a UTF-8 text file, one per line (blank lines skipped); a missing or empty file is an error."""
+    """Prompts from a UTF-8 text file, one per line (blank lines and a byte-order mark skipped); a missing, empty,
+    unreadable, binary or non-UTF-8 file is an error naming it."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"prompt file {str(path)!r} does not exist (give a text file with one prompt per line)")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not _is_file(path):
+        problem = "is a folder" if _is_dir(path) else "does not exist"
+        raise ValueError(f"prompt file {str(path)!r} {problem} (give a text file with one prompt per line)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise ValueError(f"prompt file {str(path)!r} cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it "
+                         "as UTF-8") from None
+    if "\0" in text:
+        raise ValueError(f"prompt file {str(path)!r} holds a NUL character (at character {text.index(chr(0))}): a "
+                         "binary file, not text with one prompt per line")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompt file {str(path)!r} is empty (it needs one prompt per line)")
     return PromptList(str(path), tuple(lines))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL character
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _article(noun: str) -> str:
@@ -85,7 +111,7 @@ def get(name: str):
     """The prompt source registered as ``name``, or the prompts of the text file at path ``name``."""
     if name in _SOURCES:
         return _SOURCES[name]()
-    if Path(name).expanduser().exists() or name.endswith(".txt"):
+    if _is_file(Path(name).expanduser()) or _is_dir(Path(name).expanduser()) or name.endswith(".txt"):
         return read_prompt_file(name)
     raise ValueError(f"unknown prompt source {name!r}; use one of {', '.join(names())} or a path to a .txt file")
 

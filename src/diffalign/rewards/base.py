@@ -77,6 +77,12 @@ class Reward:
                 f"reward {self.name!r}: images must be float in [0, 1], got dtype {images.dtype} "
                 "(convert uint8 images with images.float() / 255)"
             )
+        finite = torch.isfinite(images)
+        if not finite.all():
+            raise RewardError(
+                f"reward {self.name!r}: images hold {int((~finite).sum())} NaN or infinite values (the sampler or the "
+                "decoder diverged: check sample.eta, sample.guidance_scale and the learning rate)"
+            )
         lo, hi = images.min().item(), images.max().item()
         if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
             raise RewardError(
@@ -96,17 +102,23 @@ class Reward:
                 )
 
     def check_output(self, rewards: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Raises :class:`RewardError` unless ``rewards`` is a finite float tensor ``[batch_size]``."""
+        """Raises :class:`RewardError` unless ``rewards`` is a real tensor ``[batch_size]`` (bool, int or float)
+        whose values are finite in float32; returns it as float32."""
         if not isinstance(rewards, torch.Tensor):
             raise RewardError(f"reward {self.name!r} returned {type(rewards).__name__}, expected a tensor")
         if rewards.shape != (batch_size,):
             raise RewardError(
                 f"reward {self.name!r} returned shape {tuple(rewards.shape)}, expected ({batch_size},)"
             )
-        if not torch.isfinite(rewards).all():
-            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-            raise RewardError(f"reward {self.name!r} returned non-finite values at indices {bad}: {rewards.tolist()}")
-        return rewards.float()
+        if rewards.is_complex():
+            raise RewardError(f"reward {self.name!r} returned complex values (dtype {rewards.dtype}), expected real "
+                              "scores")
+        scores = rewards.float()  # a float64 beyond float32's range becomes inf here, and is caught below
+        if not torch.isfinite(scores).all():
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise RewardError(f"reward {self.name!r} returned non-finite values at indices {bad} ({len(bad)} of "
+                              f"{batch_size}, as float32): {rewards.tolist()}")
+        return scores
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r})"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -117,10 +118,10 @@ class HttpReward(Reward):
         device: str | torch.device = "cpu",
     ):
         super().__init__(device)
-        if chunk_size < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
+        if not (chunk_size >= 1 and max_retries >= 0 and 0 < timeout < math.inf and 0 <= backoff < math.inf):
             raise ValueError(
-                f"HttpReward needs chunk_size >= 1, max_retries >= 0, timeout > 0, backoff >= 0; got "
-                f"chunk_size={chunk_size}, max_retries={max_retries}, timeout={timeout}, backoff={backoff}"
+                f"HttpReward needs chunk_size >= 1, max_retries >= 0, a finite timeout > 0 and a finite backoff "
+                f">= 0; got chunk_size={chunk_size}, max_retries={max_retries}, timeout={timeout}, backoff={backoff}"
             )
         if encoding not in ENCODINGS:
             raise ValueError(f"HttpReward encoding must be one of {ENCODINGS}, got {encoding!r}")
@@ -153,7 +154,11 @@ class HttpReward(Reward):
                 raise RewardError(
                     f"reward server {url} rejected the request (HTTP {response.status_code}): {_detail(response)}"
                 )
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise RewardError(f"reward server {url} answered HTTP {response.status_code} with a body that is not "
+                                  f"JSON: {response.text[:200]!r}") from None
         raise RewardError(
             f"reward server {url} failed after {self.max_retries + 1} attempts ({last_error}); is the server "
             "running? Start one with `diffalign reward-server --reward NAME` or "

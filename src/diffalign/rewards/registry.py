@@ -70,15 +70,22 @@ def declared_differentiable(name: str) -> bool | None:
     return factory.differentiable if inspect.isclass(factory) else None
 
 
-def get(name: str, **kwargs) -> Reward:
-    """Builds the reward registered as ``name`` with the factory's keyword arguments (e.g. ``device``)."""
+def converted_kwargs(name: str, kwargs: dict) -> dict:
+    """``kwargs`` of reward ``name`` with string values converted to the declared types; ValueError naming the
+    reward and the keyword for an unknown reward or keyword, or a value that does not convert (nothing is built)."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(names())}")
     declared = parameters(name)
-    if declared:
-        unknown = sorted(set(kwargs) - set(declared))
-        if unknown:
-            raise ValueError(f"reward {name!r} takes no keyword {', '.join(map(repr, unknown))}; "
-                             f"it accepts {', '.join(sorted(declared))}")
-        kwargs = {k: _convert(name, k, v, declared[k]) if isinstance(v, str) else v for k, v in kwargs.items()}
+    if not declared:
+        return dict(kwargs)
+    unknown = sorted(set(kwargs) - set(declared))
+    if unknown:
+        raise ValueError(f"reward {name!r} takes no keyword {', '.join(map(repr, unknown))}; "
+                         f"it accepts {', '.join(sorted(declared))}")
+    return {k: _convert(name, k, v, declared[k]) if isinstance(v, str) else v for k, v in kwargs.items()}
+
+
+def get(name: str, **kwargs) -> Reward:
+    """Builds the reward registered as ``name`` with the factory's keyword arguments (e.g. ``device``)."""
+    kwargs = converted_kwargs(name, kwargs)
     return _FACTORIES[name](**kwargs)

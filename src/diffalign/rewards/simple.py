@@ -38,6 +38,8 @@ class RandomClassifier(Reward):
 
     def __init__(self, device: str | torch.device = "cpu", seed: int = 0):
         super().__init__(device)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"reward {self.name!r}: seed must be in [0, 2**63), got {seed}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = torch.nn.Sequential(

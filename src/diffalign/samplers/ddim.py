@@ -64,6 +64,12 @@ def inference_timesteps(
         steps = torch.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=torch.float64).round().flip(0)
     else:
         raise ValueError(f"timestep spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+    if steps.max() >= num_train_timesteps or steps.min() < 0:  # leading spacing + steps_offset can overshoot
+        raise ValueError(
+            f"{num_inference_steps} steps with {spacing!r} spacing and steps_offset {steps_offset} reach timestep "
+            f"{int(steps.max() if steps.max() >= num_train_timesteps else steps.min())}, outside the schedule's "
+            f"[0, {num_train_timesteps - 1}]; use fewer steps"
+        )
     return steps.long()
 
 

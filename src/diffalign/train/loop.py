@@ -10,7 +10,9 @@ same at any batch size or process count, and a resumed run continues bit-identic
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,11 +32,16 @@ from diffalign.evaluate import EvalSet, RunSummary, evaluate_policy, kl_to_base,
 from diffalign.models import Policy, add_lora, load_policy
 from diffalign.rewards import Reward, RewardOutput
 from diffalign.rollout import Rollout, derive_seed, sample_seed
-from diffalign.train.checkpoint import (TrainerState, check_disk_space, checkpoint_bytes, latest_checkpoint,
-                                        load_checkpoint, save_checkpoint)
+from diffalign.train.checkpoint import (TrainerState, check_disk_space, checkpoint_bytes, checkpoint_folders,
+                                        latest_checkpoint, load_checkpoint, save_checkpoint)
 from diffalign.train.run import RunFolder
 
 PROMPT_STREAM, SHUFFLE_STREAM, EVAL_STREAM, KL_STREAM, TARGET_STREAM = 1, 2, 3, 10, 11
+#: Largest |r − 1| of the importance ratio on an epoch's first optimizer step (no update since sampling yet) that
+#: fp32 training accepts without a warning: log-probs recomputed for training must match the sampler's.
+FIRST_RATIO_TOLERANCE = 1e-4
+
+log = logging.getLogger("diffalign.train")
 
 
 def build_policy(config: Config, accelerator: Accelerator) -> Policy:
@@ -157,10 +164,12 @@ def skip_nonfinite(config: Config, algorithm: Algorithm, epoch: int, values: dic
 
 
 def gradient_step(config: Config, algorithm: Algorithm, policy: Policy, optimizer, params: list,
-                  group: list, accelerator: Accelerator, totals: dict[str, float], epoch: int) -> float | None:
+                  group: list, accelerator: Accelerator, totals: dict[str, float], epoch: int,
+                  largest: dict[str, float] | None = None) -> float | None:
     """One optimizer step on the method's loss averaged over the micro-batches ``group`` (gradients synchronised
-    across processes on the last one only), clipped; adds the micro-batches' metrics to ``totals`` and returns the
-    gradient norm before clipping. A NaN or infinite loss (on any process) or gradient norm stops the run before
+    across processes on the last one only), clipped; adds the micro-batches' metrics to ``totals`` (and, given
+    ``largest``, the largest value of each of its keys over the micro-batches to it) and returns the gradient norm
+    before clipping. A NaN or infinite loss (on any process) or gradient norm stops the run before
     the step (:func:`skip_nonfinite`), or with ``train.skip_nonfinite_steps`` zeroes the gradients, drops the
     metrics and returns None. Under fp16 the loss scaler owns infinite gradients (it skips those steps itself)."""
     losses, step_metrics = [], {}
@@ -173,6 +182,8 @@ def gradient_step(config: Config, algorithm: Algorithm, policy: Policy, optimize
         losses.append(loss.detach().float())
         for name, value in metrics.items():
             step_metrics[name] = step_metrics.get(name, 0.0) + float(value)
+            if largest is not None and name in largest:
+                largest[name] = max(largest[name], float(value))
     grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
     values = {"loss": accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()}
     if accelerator.scaler is None:
@@ -189,12 +200,28 @@ def gradient_step(config: Config, algorithm: Algorithm, policy: Policy, optimize
     return float(grad_norm)
 
 
+def first_ratio_check(config: Config, largest: dict[str, float], epoch: int) -> dict[str, float]:
+    """``policy/first_step_ratio_error``: the largest |r − 1| of the importance ratio over the epoch's first
+    optimizer step, where no update has happened since sampling (for methods whose loss reports
+    ``policy/ratio_max_dev``). It is 0 up to rounding in fp32, and is logged with a warning above
+    :data:`FIRST_RATIO_TOLERANCE` there; under fp16/bf16 it measures the drift autocast adds to the ratio."""
+    error = largest.get("policy/ratio_max_dev", -1.0)
+    if error < 0:
+        return {}
+    if config.model.mixed_precision == "no" and error > FIRST_RATIO_TOLERANCE:
+        log.warning("epoch %d: the importance ratio before any update is off 1 by %.3g in fp32 (tolerance %g): the "
+                    "log-probs recomputed for training do not match the sampler's (dropout in the model? "
+                    "nondeterministic or TF32 kernels?)", epoch, error, FIRST_RATIO_TOLERANCE)
+    return {"policy/first_step_ratio_error": error}
+
+
 def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer, rollout: Rollout,
                 targets: torch.Tensor, accelerator: Accelerator, epoch: int) -> tuple[dict, int]:
     """One pass of the method's minibatches over the epoch's rollout; returns averaged metrics and the number of
     optimizer steps. Each optimizer step is the method's own (:meth:`Algorithm.update`, when it takes one) or
     :func:`gradient_step`; either is checked for a NaN or infinite loss or gradient norm (:func:`skip_nonfinite`),
-    and ``train/skipped_steps`` counts the steps skipped for one."""
+    and ``train/skipped_steps`` counts the steps skipped for one. The first step's ratio is checked
+    (:func:`first_ratio_check`)."""
     policy.unet.train()
     params = trainable_parameters(policy, algorithm)
     plan = Minibatching(config.train.batch_size_per_device, config.train.gradient_accumulation_steps)
@@ -209,11 +236,15 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
     totals: dict[str, float] = {}
     per_step: dict[str, float] = {}
     count = steps = skipped = 0
-    for group in algorithm.minibatches(rollout, targets, plan, generator_for):
+    first: dict[str, float] = {}
+    for k, group in enumerate(algorithm.minibatches(rollout, targets, plan, generator_for)):
         with accelerator.no_sync(policy.unet), accelerator.autocast():
             stepped = algorithm.update(policy, params, group, mean_over_processes)
         if stepped is None:
-            grad_norm = gradient_step(config, algorithm, policy, optimizer, params, group, accelerator, totals, epoch)
+            largest = {"policy/ratio_max_dev": -1.0} if k == 0 else None
+            grad_norm = gradient_step(config, algorithm, policy, optimizer, params, group, accelerator, totals, epoch,
+                                      largest)
+            first = largest or first
             stepped = None if grad_norm is None else {"policy/grad_norm": grad_norm}
             count += 0 if grad_norm is None else len(group)
         elif skip_nonfinite(config, algorithm, epoch, {k: stepped[k] for k in ("policy/loss", "policy/grad_norm")
@@ -228,6 +259,7 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
     averaged = {name: value / count for name, value in totals.items()}
     averaged.update({name: value / steps for name, value in per_step.items()})
     averaged["train/skipped_steps"] = float(skipped)
+    averaged.update(first_ratio_check(config, first, epoch))
     return averaged, steps
 
 
@@ -304,13 +336,43 @@ def _optimizer(config: Config, policy: Policy, algorithm: Algorithm) -> torch.op
                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
 
 
+def _accelerator(config: Config, run_path: Path) -> Accelerator:
+    try:
+        return Accelerator(mixed_precision=config.model.mixed_precision,
+                           log_with=None if config.log_with == "none" else config.log_with, project_dir=str(run_path))
+    except ValueError as error:
+        if "already been initialized" not in str(error):
+            raise
+        raise ValueError(f"model.mixed_precision={config.model.mixed_precision!r}: this process already set up "
+                         "accelerate with another precision, which it cannot change; run this training in a new "
+                         "process") from None
+
+
+@contextlib.contextmanager
+def _removed_unless_resumable(run_path: Path, accelerator: Accelerator):
+    """On an error, deletes the run folder this run created if it holds no complete checkpoint yet (a folder
+    nothing could resume from); a folder that existed before is left as it was."""
+    created = accelerator.is_main_process and not run_path.exists()
+    try:
+        yield
+    except Exception:
+        if created and run_path.exists() and not checkpoint_folders(run_path / "checkpoints"):
+            log.error("the run failed before its first checkpoint: deleting %s", run_path)
+            shutil.rmtree(run_path, ignore_errors=True)
+        raise
+
+
 def train(config: Config) -> TrainResult:
-    """Runs the online loop described in the module docstring."""
+    """Runs the online loop described in the module docstring. A run that fails before its first checkpoint
+    leaves no run folder behind."""
     config.check()
     run_path = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    accelerator = Accelerator(mixed_precision=config.model.mixed_precision,
-                              log_with=None if config.log_with == "none" else config.log_with,
-                              project_dir=str(run_path))
+    accelerator = _accelerator(config, run_path)
+    with _removed_unless_resumable(run_path, accelerator):
+        return _train(config, run_path, accelerator)
+
+
+def _train(config: Config, run_path: Path, accelerator: Accelerator) -> TrainResult:
     set_seed(config.seed)
     policy = build_policy(config, accelerator)
     if not config.model.use_lora:

@@ -38,11 +38,15 @@ class RunFolder:
         (self.path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """Drops metric lines of epochs ≥ ``epochs_done`` (a resumed run rewrites them)."""
+        """Drops metric lines of epochs ≥ ``epochs_done`` (a resumed run rewrites them), and a last line cut short
+        by a run killed while writing it."""
         if self.metrics_path.exists():
-            lines = [line for line in self.metrics_path.read_text().splitlines()
-                     if line and json.loads(line)["epoch"] < epochs_done]
-            self.metrics_path.write_text("".join(line + "\n" for line in lines))
+            text = self.metrics_path.read_text()
+            lines = text.splitlines()
+            if lines and not text.endswith("\n"):
+                lines.pop()  # torn: the process died inside the write
+            kept = [line for line in lines if line and json.loads(line)["epoch"] < epochs_done]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         """Appends one JSON line of metrics (floats)."""
