@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ def main(args: Args) -> dict:
     from diffalign.algorithms import build
     from diffalign.config import preset, replace
     from diffalign import prompts as prompt_sources
-    from diffalign.train.loop import build_policy, collect
+    from diffalign.train.loop import build_policy, collect, reward_worker
 
     torch.set_num_threads(args.threads)
     config = replace(preset(args.preset), **{"sample.num_inference_steps": args.steps,
@@ -67,7 +66,7 @@ def main(args: Args) -> dict:
     seeds = list(range(len(prompts)))
     collect(config, algorithm, policy, reward, prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up
     results = {}
-    with ThreadPoolExecutor(max_workers=1) as executor:
+    with reward_worker() as executor:  # the loop's worker (one intra-op thread)
         for name, pool in [("inline", None), ("async", executor), ("inline_again", None)]:
             start = time.perf_counter()
             rollout, _, _ = collect(config, algorithm, policy, reward, prompts, seeds, pool)
