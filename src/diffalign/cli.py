@@ -152,6 +152,9 @@ def _sample_args_class():
         """rcgd: guidance strength G (= 1/σ² of the reward likelihood)."""
         allow_extrapolation: bool = False
         """rcgd: allow a target outside the reward model's label range."""
+        compile: bool = False
+        """torch.compile the denoiser: the first steps pay the compilation, later ones run faster (for many images;
+        see benchmarks/bench_compile.py)."""
 
     return SampleArgs
 
@@ -210,6 +213,8 @@ def _sample(args: list[str]) -> Path:
                          f"{parsed.model!r}: {error}") from None
     if parsed.lora:
         _load_lora_into(policy, parsed.lora)
+    if parsed.compile:
+        policy.unet.compile()
     reward = rewards.get(parsed.reward, device=policy.device) if parsed.reward else None
     errors = config.validate(settings, reward) if config is not None else []
     if errors:

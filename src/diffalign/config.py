@@ -545,7 +545,7 @@ def _presets() -> dict[str, Config]:
         train=TrainConfig(batch_size_per_device=4, gradient_accumulation_steps=1, learning_rate=1e-3),
         method=DDPOConfig(advantages=AdvantageConfig(min_count=4)),
     )
-    # The demo (`make demo`): about 8 min on 2 CPU cores. Each epoch draws 4 train captions × 8 samples, so every
+    # The demo (`make demo`): about 5 min on 2 CPU cores. Each epoch draws 4 train captions × 8 samples, so every
     # caption's advantages are normalised within its own group; one optimizer step per epoch over half the steps.
     shapes = Config(
         reward=RewardConfig(name="shapes"), prompts="shapes", epochs=90, save_freq=30,
