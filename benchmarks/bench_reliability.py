@@ -228,12 +228,11 @@ def identical(reference: Path, run: Path) -> list[str]:
 
 def kills(args: Args, out: Path, rng: random.Random) -> list[dict]:
     """The ShapesWorld DDPO kills (the phases in turn) and one kill of each other method's tiny run."""
-    plans = [("ddpo", SHAPES_RUN, PHASES[k % len(PHASES)], k) for k in range(args.kills)]
+    plans = [("ddpo", SHAPES_RUN, PHASES[k % len(PHASES)]) for k in range(args.kills)]
     if args.methods:
-        plans += [(method, ["--preset", preset, *TINY_RUN], rng.choice(PHASES), None)
-                  for method, preset in TINY_METHODS.items()]
+        plans += [(method, ["--preset", preset, *TINY_RUN], rng.choice(PHASES)) for method, preset in TINY_METHODS.items()]
     references, results = {}, []
-    for k, (method, train_args, phase, _) in enumerate(plans):
+    for k, (method, train_args, phase) in enumerate(plans):
         if method not in references:
             reference = out / f"{method}-reference"
             start = time.perf_counter()
@@ -244,8 +243,8 @@ def kills(args: Args, out: Path, rng: random.Random) -> list[dict]:
             references[method] = (reference, phase_durations(events), epochs, time.perf_counter() - start)
             print(f"[reliability] {method}: reference run {references[method][3]:.0f} s", file=sys.stderr)
         reference, durations, epochs, _ = references[method]
-        epoch = rng.randrange(epochs if method == "ddpo" else max(1, epochs - 1)) + (0 if method == "ddpo" else 1)
-        epoch = min(epoch, epochs - 1)
+        first = 0 if method == "ddpo" else min(1, epochs - 1)  # the tiny runs are killed after their first checkpoint
+        epoch = rng.randrange(first, epochs)
         delay = rng.uniform(0, durations.get(phase, 0.05))
         run = out / f"{method}-kill-{k:02d}"
         result = {"method": method, **kill_and_resume(train_args, run, phase, epoch, delay, args.threads)}

@@ -246,11 +246,11 @@ def train_epoch(config: Config, algorithm: Algorithm, policy: Policy, optimizer,
     per_step: dict[str, float] = {}
     count = steps = skipped = 0
     first: dict[str, float] = {}
-    for k, group in enumerate(algorithm.minibatches(rollout, targets, plan, generator_for)):
+    for index, group in enumerate(algorithm.minibatches(rollout, targets, plan, generator_for)):
         with accelerator.no_sync(policy.unet), accelerator.autocast():
             stepped = algorithm.update(policy, params, group, mean_over_processes)
         if stepped is None:
-            largest = {"policy/ratio_max_dev": -1.0} if k == 0 else None
+            largest = {"policy/ratio_max_dev": -1.0} if index == 0 else None
             grad_norm = gradient_step(config, algorithm, policy, optimizer, params, group, accelerator, totals, epoch,
                                       largest)
             first = largest or first
