@@ -41,8 +41,9 @@ def read_prompt_file(path: str | Path) -> PromptList:
     """Prompts from a UTF-8 text file, one per line (blank lines and a byte-order mark skipped); a missing, empty,
     unreadable, binary or non-UTF-8 file is an error naming it."""
     path = Path(path).expanduser()
-    if not _is_file(path):
-        problem = "is a folder" if _is_dir(path) else "does not exist"
+    kind = _kind(path)
+    if kind != "file":
+        problem = "is a folder" if kind == "folder" else "does not exist"
         raise ValueError(f"prompt file {str(path)!r} {problem} (give a text file with one prompt per line)")
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -60,18 +61,12 @@ def read_prompt_file(path: str | Path) -> PromptList:
     return PromptList(str(path), tuple(lines))
 
 
-def _is_file(path: Path) -> bool:
+def _kind(path: Path) -> str | None:
+    """"file", "folder", or None for a missing path or a name the file system refuses (too long, a NUL character)."""
     try:
-        return path.is_file()
-    except (OSError, ValueError):  # a name too long for the file system, or with a NUL character
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
+        return "file" if path.is_file() else "folder" if path.is_dir() else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def _article(noun: str) -> str:
@@ -111,7 +106,7 @@ def get(name: str):
     """The prompt source registered as ``name``, or the prompts of the text file at path ``name``."""
     if name in _SOURCES:
         return _SOURCES[name]()
-    if _is_file(Path(name).expanduser()) or _is_dir(Path(name).expanduser()) or name.endswith(".txt"):
+    if _kind(Path(name).expanduser()) or name.endswith(".txt"):
         return read_prompt_file(name)
     raise ValueError(f"unknown prompt source {name!r}; use one of {', '.join(names())} or a path to a .txt file")
 

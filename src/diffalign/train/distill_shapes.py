@@ -125,8 +125,10 @@ class DistillConfig:
                               "trailing timesteps are not on the teacher's trajectory (use divisors: 1,2,4,8 of 40)")
         if self.teacher != "shapes" and not (Path(self.teacher).expanduser() / "unet").is_dir():
             errors.append(f"teacher must be 'shapes' or a local pipeline folder, got {self.teacher!r}")
-        if self.prompts not in prompt_sources.names() and not Path(self.prompts).is_file():
-            errors.append(f"prompts must be a registered prompt source or a text file, got {self.prompts!r}")
+        try:
+            prompt_sources.check(self.prompts)
+        except ValueError as error:
+            errors.append(f"prompts: {error}")
         return errors
 
     def check(self) -> DistillConfig:
