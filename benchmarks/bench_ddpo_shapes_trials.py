@@ -2,7 +2,9 @@
 variable at a time, each on the same fixed seeds, reported as one table.
 
 Each variant trains the ``ddpo-shapes`` preset with a few fields changed, for ``--epochs`` epochs, evaluated
-before and after on the preset's fixed train and held-out captions. Per variant the table gives:
+before and after on the preset's fixed train and held-out captions (the preset draws 16 captions × 8 samples per
+optimizer step; until the ε-prediction base it drew 4 × 8, which ``samples_32`` restores). Per variant the table
+gives:
 
 - ``reward_first`` / ``reward_last``: mean training reward over the first and last 10 % of epochs, and
   ``reward_slope_per_100``: the least-squares slope of the per-epoch training reward, per 100 epochs;
@@ -11,7 +13,8 @@ before and after on the preset's fixed train and held-out captions. Per variant 
 - ``zero_groups``: mean ``train/zero_advantage_groups``; ``minutes``: wall time of the run;
 - ``vs_placebo``: when the ``placebo`` variant ran too, the mean over the second half of the epochs of this run's
   training reward minus the placebo's at the same epoch (every variant draws the same captions and noise seeds in
-  the same epoch, so the difference is paired; ± its standard error over those epochs).
+  the same epoch, so the difference is paired), its standard error treating epochs as independent, and its
+  block-bootstrap standard error (:func:`block_bootstrap_se`), which the table shows.
 
 Prints one JSON object (``{"variants": {...}, "markdown": "..."}``); the run folders stay in ``--out``.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +43,10 @@ VARIANTS: dict[str, dict] = {
     "epsilon_weighting": {"method.step_weighting": "epsilon"},
     "lr_6e-4": {"train.learning_rate": 6e-4},
     "lr_2e-4": {"train.learning_rate": 2e-4},
-    "samples_64": {"sample.batch_size_per_device": 64, "train.batch_size_per_device": 64},
+    "samples_32": {"sample.batch_size_per_device": 32, "sample.num_batches_per_epoch": 1,
+                   "train.batch_size_per_device": 32, "train.gradient_accumulation_steps": 1},
+    "samples_64": {"sample.batch_size_per_device": 64, "sample.num_batches_per_epoch": 1,
+                   "train.batch_size_per_device": 64, "train.gradient_accumulation_steps": 1},
     "samples_128": {"sample.batch_size_per_device": 64, "sample.num_batches_per_epoch": 2,
                     "train.batch_size_per_device": 64, "train.gradient_accumulation_steps": 2},
     "adam_eps_1e-6": {"train.adam_epsilon": 1e-6},
@@ -91,9 +98,15 @@ def summarise(run_dir: Path) -> dict:
     }
 
 
-def paired_gain(run_dir: Path, control_dir: Path) -> tuple[float, float]:
-    """Mean and standard error, over the second half of the epochs, of the per-epoch training-reward difference
-    between two runs that drew the same captions and seeds (``run_dir`` minus ``control_dir``)."""
+def paired_gain(run_dir: Path, control_dir: Path, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean, standard error and block-bootstrap standard error, over the second half of the epochs, of the
+    per-epoch training-reward difference between two runs that drew the same captions and seeds (``run_dir``
+    minus ``control_dir``).
+
+    Successive epochs are not independent (the weights change slowly, and both runs share each epoch's
+    captions), so the plain standard error understates the uncertainty. The block bootstrap resamples runs of
+    ``round(sqrt(n))`` consecutive differences (circular moving blocks, Künsch 1989) with a fixed seed, which
+    keeps the short-range correlation inside each block."""
     def rewards(path: Path) -> list[float]:
         return [json.loads(line)["reward/mean"] for line in (path / "metrics.jsonl").read_text().splitlines() if line]
 
@@ -102,15 +115,33 @@ def paired_gain(run_dir: Path, control_dir: Path) -> tuple[float, float]:
     diffs = [x - y for x, y in zip(a[n // 2 : n], b[n // 2 : n])]
     mean = _mean(diffs)
     spread = (sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) ** 0.5
-    return round(mean, 4), round(spread / max(len(diffs), 1) ** 0.5, 4)
+    return round(mean, 4), round(spread / max(len(diffs), 1) ** 0.5, 4), round(block_bootstrap_se(diffs, resamples), 4)
+
+
+def block_bootstrap_se(values: list[float], resamples: int = 2000, seed: int = 0) -> float:
+    """Circular moving-block bootstrap standard error of the mean of ``values`` (blocks of ``round(sqrt(n))``)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    length = max(1, round(n ** 0.5))
+    rng = random.Random(seed)
+    means = []
+    for _ in range(resamples):
+        drawn: list[float] = []
+        while len(drawn) < n:
+            start = rng.randrange(n)
+            drawn.extend(values[(start + i) % n] for i in range(length))
+        means.append(_mean(drawn[:n]))
+    centre = _mean(means)
+    return (sum((m - centre) ** 2 for m in means) / (resamples - 1)) ** 0.5
 
 
 def markdown(rows: dict[str, dict]) -> str:
     head = ("| variant | reward first → last 10 % | slope /100 ep | vs placebo | train strict | held-out strict | "
             "drift | KL | zero groups | min |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
-    def versus(r: dict) -> str:
-        return f"{r['vs_placebo'][0]:+.3f} ± {r['vs_placebo'][1]:.3f}" if "vs_placebo" in r else "—"
+    def versus(r: dict) -> str:  # ± the block-bootstrap standard error
+        return f"{r['vs_placebo'][0]:+.3f} ± {r['vs_placebo'][2]:.3f}" if "vs_placebo" in r else "—"
 
     lines = [f"| {name} | {r['reward_first']} → {r['reward_last']} | {r['reward_slope_per_100']:+} | {versus(r)} | "
              f"{r['train_base']:.3f} → {r['train_final']:.3f} | {r['heldout_base']:.3f} → {r['heldout_final']:.3f} | "

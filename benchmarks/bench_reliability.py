@@ -44,7 +44,8 @@ PHASES = ("sampling", "reward", "training", "checkpoint")
 #: The killed ShapesWorld run: the demo's preset, shortened (16 samples an epoch, a checkpoint every epoch).
 SHAPES_RUN = ["--preset", "ddpo-shapes", "--epochs", "6", "--save-freq", "1", "--eval.samples", "16",
               "--eval.freq", "0", "--eval.diversity-prompts", "0", "--sample.batch-size-per-device", "16",
-              "--train.batch-size-per-device", "16", "--log-with", "none"]
+              "--sample.num-batches-per-epoch", "1", "--train.batch-size-per-device", "16",
+              "--train.gradient-accumulation-steps", "1", "--log-with", "none"]
 #: One tiny run per other trained method (each with its own state to resume).
 TINY_METHODS = {"reinforce": "reinforce-tiny", "raft": "raft-tiny", "draft": "draft-tiny", "dag": "dag-tiny",
                 "dav": "dav-tiny", "trpo": "trpo-tiny", "actor-critic": "actor-critic-tiny", "sdpo": "sdpo-tiny"}
@@ -289,7 +290,8 @@ def memory(args: Args, out: Path) -> dict:
     run = out / "memory"
     train_args = ["--preset", "ddpo-shapes", "--epochs", str(args.rss_epochs), "--save-freq", "20", "--keep-last", "2",
                   "--eval.samples", "8", "--eval.freq", "0", "--eval.diversity-prompts", "0",
-                  "--sample.batch-size-per-device", "8", "--train.batch-size-per-device", "8", "--run-dir", str(run)]
+                  "--sample.batch-size-per-device", "8", "--sample.num-batches-per-epoch", "1",
+                  "--train.batch-size-per-device", "8", "--train.gradient-accumulation-steps", "1", "--run-dir", str(run)]
     start = time.perf_counter()
     _finish(_launch(train_args, out / "memory.log", args.threads), "memory run")
     slope, series = rss_slope(_events(out / "memory.log"))

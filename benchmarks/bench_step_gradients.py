@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @dataclass
 class Args:
     model: str = "shapes"
-    """Model: shapes (with the verifiable reward and ShapesWorld captions) or tiny (brightness, animals)."""
+    """Model: shapes or another ShapesWorld pipeline folder (e.g. one made by `diffalign pretrain shapes
+    --prediction-type epsilon`), judged by the verifiable reward on ShapesWorld captions; or tiny (brightness,
+    animals)."""
     captions: int = 8
     """Captions in the rollout (split in two halves of different captions)."""
     group: int = 8
@@ -62,7 +64,8 @@ def main(args: Args) -> dict:
     from diffalign.rollout import sample_batched, sample_seed
 
     torch.set_num_threads(args.threads)
-    base = preset("ddpo-shapes" if args.model == "shapes" else "ddpo-tiny")
+    world = args.model != "tiny"
+    base = preset("ddpo-shapes" if world else "ddpo-tiny")
     config = replace(base, **{"model.name": args.model, "sample.num_inference_steps": args.steps})
     settings = config.sample.settings()
     policy = load_policy(args.model)
@@ -71,12 +74,12 @@ def main(args: Args) -> dict:
         for name, p in policy.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 1e-3, generator=torch.Generator().manual_seed(args.seed))
-    source = prompts.get("shapes" if args.model == "shapes" else "simple_animals")
+    source = prompts.get("shapes" if world else "simple_animals")
     captions = source.draw(args.captions, torch.Generator().manual_seed(args.seed))
     prompt_list = [c for c in captions for _ in range(args.group)]
     seeds = [sample_seed(args.seed, 0, i) for i in range(len(prompt_list))]
     rollout = sample_batched(policy, prompt_list, seeds, settings, batch_size=32)
-    reward = rewards.get("shapes" if args.model == "shapes" else "brightness")
+    reward = rewards.get("shapes" if world else "brightness")
     scores = reward(rollout.images, rollout.prompts)
     advantages = PerPromptStatTracker(args.group, args.group).update(rollout.prompts, scores)
 

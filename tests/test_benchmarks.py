@@ -61,9 +61,22 @@ def test_trials_table_summarises_a_run_folder(tmp_path):
     control.mkdir()
     (control / "metrics.jsonl").write_text("".join(json.dumps({"reward/mean": r - 0.1 * (e % 2)}) + "\n"
                                                    for e, r in enumerate(rewards)))
-    mean, error = bench.paired_gain(tmp_path, control)  # differences 0, .1, 0, .1, ... over epochs 10..19
+    mean, error, block_error = bench.paired_gain(tmp_path, control)  # differences 0, .1, 0, .1, ... (epochs 10..19)
     assert mean == pytest.approx(0.05) and error == pytest.approx(0.0527 / 10**0.5, abs=1e-3)
+    # Blocks of round(sqrt(10)) = 3 alternating values have means 1/30 or 2/30 from the mean 0.05: less spread
+    # than independent draws, so a smaller error than the one that treats epochs as independent.
+    assert 0 < block_error < error
     assert set(bench.VARIANTS) >= {"reference", "placebo", "no_last_two_steps", "epsilon_weighting"}
+
+
+def test_block_bootstrap_error_widens_for_correlated_epochs():
+    bench = _load("bench_ddpo_shapes_trials")
+    assert bench.block_bootstrap_se([0.3] * 16) == pytest.approx(0.0, abs=1e-12)
+    step = [0.0] * 8 + [1.0] * 8  # a slow drift: neighbouring epochs alike
+    independent = (sum((v - 0.5) ** 2 for v in step) / 15) ** 0.5 / 16**0.5
+    correlated = bench.block_bootstrap_se(step)
+    assert correlated > 1.3 * independent
+    assert correlated == bench.block_bootstrap_se(step)  # a fixed seed: the same table every time
 
 
 def test_methods_table_reads_a_run_folder(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def _refuse(path):
 
 
 def test_a_complete_cache_folder_is_loaded_without_building(cache):
-    save_tiny_pipeline(cache / "shapes-turbo")
+    save_tiny_pipeline(loading.cached_model_path("shapes-turbo"))
     loading.register_builder("shapes-turbo", _refuse)
     assert loading.resolve_model("shapes-turbo") == "shapes-turbo"
     policy = load_policy("shapes-turbo")
@@ -92,8 +93,8 @@ def test_a_complete_cache_folder_is_loaded_without_building(cache):
 
 
 def test_an_incomplete_cache_folder_is_an_error_naming_the_missing_files(cache):
-    save_tiny_pipeline(cache / "shapes-turbo")
-    (cache / "shapes-turbo" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    save_tiny_pipeline(loading.cached_model_path("shapes-turbo"))
+    (loading.cached_model_path("shapes-turbo") / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     loading.register_builder("shapes-turbo", _refuse)
     with pytest.raises(FileNotFoundError, match="incomplete.*unet/diffusion_pytorch_model.safetensors"):
         load_policy("shapes-turbo")
@@ -111,7 +112,22 @@ def test_a_missing_cache_folder_is_built_on_first_use_then_reused(cache):
     loading.register_builder("shapes-turbo", build)
     load_policy("shapes-turbo")
     load_policy("shapes-turbo")
-    assert calls == [cache / "shapes-turbo"]
+    assert calls == [loading.cached_model_path("shapes-turbo")]
+
+
+def test_the_cache_folder_is_named_after_the_base_it_is_made_from(cache, tmp_path, monkeypatch):
+    """A student distilled from another base (an earlier shipped one) is not loaded for the current one."""
+    from diffalign.models import shapes as shapes_model
+
+    path = loading.cached_model_path("shapes-turbo")
+    assert path.parent == cache and path.name == f"shapes-turbo-{loading.base_fingerprint()}"
+    assert len(loading.base_fingerprint()) == 12
+    other = tmp_path / "other-base"
+    shutil.copytree(shapes_model.base_model_path(), other)
+    weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # other weights: only their hash is read here
+    monkeypatch.setattr(shapes_model, "BASE_MODEL_DIR", other)
+    assert loading.cached_model_path("shapes-turbo") != path
 
 
 def test_importing_train_registers_the_shapes_turbo_builder(monkeypatch):

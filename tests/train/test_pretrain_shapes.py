@@ -40,10 +40,10 @@ def test_training_batches_are_train_split_and_deterministic():
 
 
 def test_pretrain_config_validate_names_every_bad_field():
-    config = PretrainConfig(vae_steps=0, caption_dropout=1.5, eval_guidance_scale=0.5)
+    config = PretrainConfig(vae_steps=0, caption_dropout=1.5, eval_guidance_scale=0.5, prediction_type="x0")
     with pytest.raises(ValueError) as error:
         config.check()
-    for name in ("vae_steps", "caption_dropout", "eval_guidance_scale"):
+    for name in ("vae_steps", "caption_dropout", "eval_guidance_scale", "prediction_type"):
         assert name in str(error.value)
 
 
@@ -69,3 +69,19 @@ def test_pretrain_smoke_writes_a_loadable_reproducible_pipeline(tmp_path):
     policy = load_policy(str(first))
     assert policy.vae.config.scaling_factor > 0
     assert sample(policy, ["a red circle"], [0], StepSettings(2, 5.0, eta=1.0)).images.shape == (1, 3, 32, 32)
+
+
+def test_pretrain_learns_the_chosen_prediction_type(tmp_path):
+    """The default ε-prediction run against an x0 run of the same seed: the same VAE (stage 1 does not depend on
+    the prediction type), a scheduler that says which, and UNets that learned different targets."""
+    assert PretrainConfig().prediction_type == shapes_model.SCHEDULER_CONFIG["prediction_type"] == "epsilon"
+    x0 = pretrain(_tiny_config(tmp_path / "x0", sample_every=0, eval_samples_per_family=0, prediction_type="sample"))
+    eps = pretrain(_tiny_config(tmp_path / "eps", sample_every=0, eval_samples_per_family=0))
+    assert json.loads((x0 / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "sample"
+    assert json.loads((eps / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert load_policy(str(eps)).schedule.prediction_type == "epsilon"
+    vae_x0, vae_eps = load_file(x0 / WEIGHT_FILES[1]), load_file(eps / WEIGHT_FILES[1])
+    assert all(torch.equal(vae_x0[k], vae_eps[k]) for k in vae_x0)
+    assert not torch.equal(load_file(x0 / WEIGHT_FILES[0])["conv_out.weight"],
+                           load_file(eps / WEIGHT_FILES[0])["conv_out.weight"])
+    assert "prediction type `epsilon`" in (eps / "README.md").read_text()

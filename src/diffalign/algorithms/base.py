@@ -76,6 +76,10 @@ class Algorithm:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    #: Whether :meth:`loss` takes :class:`~diffalign.rollout.Transitions` (any denoising steps) whose advantages are
+    #: :meth:`targets` and has no side effect, so the loop may measure the gradient of one step
+    #: (``eval.step_grad_norms``).
+    trains_on_transitions: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, settings: StepSettings, reward=None):
         if config.needs_differentiable_reward and (reward is None or not reward.differentiable):

@@ -147,6 +147,7 @@ class Dag(Algorithm):
     """Rollouts with their denoiser outputs, rewards as targets (the terminal flow), detailed-balance losses."""
 
     name = "dag"
+    trains_on_transitions = True
     config_class = DagConfig
     config: DagConfig
 

@@ -100,6 +100,7 @@ class DDPO(Algorithm):
     """DDPO collects plain rollouts (the default) and trains with :func:`ppo_clip_loss`."""
 
     name = "ddpo"
+    trains_on_transitions = True
     config_class = DDPOConfig
     config: DDPOConfig
 

@@ -73,6 +73,7 @@ class Reinforce(Algorithm):
     """Plain rollouts, DDPO's minibatches (one pass), and :func:`reinforce_loss`."""
 
     name = "reinforce"
+    trains_on_transitions = True
     config_class = ReinforceConfig
     config: ReinforceConfig
 

@@ -60,3 +60,29 @@ def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_step_heatmap(records: Sequence[dict], prefix: str, path: Path, title: str = "") -> Path | None:
+    """Heat map of the per-step metrics ``<prefix><j>`` (epochs down, denoising steps across, colour log10 of the
+    value), e.g. ``grad_norm/step_``; None (nothing written) when no record has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
+    rows = [r for r in records if any(k in r for k in keys)]
+    if not rows:
+        return None
+    values = torch.tensor([[float(r.get(k, float("nan"))) for k in keys] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    image = ax.imshow(values.clamp(min=1e-12).log10().numpy(), aspect="auto", interpolation="nearest",
+                      extent=(-0.5, len(keys) - 0.5, rows[-1]["epoch"] + 0.5, rows[0]["epoch"] - 0.5))
+    fig.colorbar(image, ax=ax, label=f"log10 {prefix.rstrip('_/')}")
+    ax.set_xlabel("denoising step j (0 = first, pure noise)")
+    ax.set_ylabel("epoch")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -2,12 +2,15 @@
 network or a cache).
 
 ``shapes-turbo`` (the few-step ShapesWorld model) is not shipped: it lives in the cache folder
-(:func:`cached_model_path`) and is made there on first use by the builder train/ registers
-(:func:`register_builder`; models/ sits below train/ and cannot import the recipe itself).
+(:func:`cached_model_path`, named after the shipped base it is distilled from, so a new base gets a new student)
+and is made there on first use by the builder train/ registers (:func:`register_builder`; models/ sits below
+train/ and cannot import the recipe itself).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -54,11 +57,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "diffalign"
 
 
+@functools.lru_cache(maxsize=4)
+def _fingerprint(weights: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def base_fingerprint() -> str:
+    """The first 12 hex digits of the SHA-256 of the shipped ShapesWorld base's UNet weights."""
+    weights = base_model_path() / "unet" / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat()
+    return _fingerprint(weights, stat.st_size, stat.st_mtime_ns)
+
+
 def cached_model_path(name: str) -> Path:
-    """The cache folder of the built-in model ``name`` (one of :data:`CACHED_MODELS`), whether or not it exists."""
+    """The cache folder of the built-in model ``name`` (one of :data:`CACHED_MODELS`), whether or not it exists:
+    ``<cache>/<name>-<fingerprint of the shipped base it is made from>``."""
     if name not in CACHED_MODELS:
         raise ValueError(f"{name!r} is not a cached built-in model (those are: {', '.join(CACHED_MODELS)})")
-    return cache_dir() / name
+    return cache_dir() / f"{name}-{base_fingerprint()}"
 
 
 def missing_pipeline_files(path: Path) -> list[str]:

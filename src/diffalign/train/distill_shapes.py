@@ -63,7 +63,7 @@ MODEL_NAME = "shapes-turbo"
 @dataclass
 class DistillConfig:
     """How ``diffalign pretrain shapes-turbo`` distils the ShapesWorld base into a few-step student (defaults:
-    the cached ``shapes-turbo`` model, about 11 min on 2 CPU cores)."""
+    the cached ``shapes-turbo`` model, about 5 min on 2 CPU cores)."""
 
     output_dir: str | None = None
     """Folder the pipeline, eval.json and README.md are written to (default: the shapes-turbo cache folder)."""
@@ -346,7 +346,7 @@ def build_cached(path: Path) -> Path:
     """Makes the ``shapes-turbo`` cache folder ``path`` with the default recipe (the builder that
     :func:`diffalign.models.loading.register_builder` is given)."""
     print(f"diffalign: {MODEL_NAME} is not cached yet: distilling it from the shapes base into {path} "
-          "(once; about 11 min on 2 CPU cores)", flush=True)
+          "(once; about 5 min on 2 CPU cores)", flush=True)
     return distill(DistillConfig(output_dir=str(path)))
 
 

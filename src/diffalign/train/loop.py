@@ -31,7 +31,7 @@ from diffalign.config import Config
 from diffalign.evaluate import EvalSet, RunSummary, evaluate_policy, kl_to_base, weight_drift
 from diffalign.models import Policy, add_lora, load_policy
 from diffalign.rewards import Reward, RewardOutput
-from diffalign.rollout import Rollout, derive_seed, sample_seed
+from diffalign.rollout import Rollout, derive_seed, sample_seed, transitions
 from diffalign.train.checkpoint import (TrainerState, check_disk_space, checkpoint_bytes, checkpoint_folders,
                                         latest_checkpoint, load_checkpoint, save_checkpoint)
 from diffalign.train.run import RunFolder
@@ -151,6 +151,34 @@ def instruments(config: Config, policy: Policy, rollout: Rollout, accelerator: A
         kl = kl_to_base(policy, rollout.index(slice(0, config.eval.kl_samples)), settings, steps)
         metrics["kl/to_base"] = accelerator.gather(kl.to(accelerator.device)).float().mean().item()
     return metrics
+
+
+def step_gradient_norms(config: Config, algorithm: Algorithm, policy: Policy, rollout: Rollout,
+                        targets: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+    """``grad_norm/step_{j:02d}`` (``eval.step_grad_norms``): for every denoising step j, the norm of the gradient of
+    the method's loss over the epoch's transitions at step j (averaged over processes) with respect to the trained
+    denoiser weights, before the epoch's update. Costs one more forward and backward pass per transition; leaves
+    no gradient behind. Which steps carry the gradient depends on the model's parameterisation (an
+    x0-prediction model's last two steps carry almost all of it); ``benchmarks/bench_step_gradients.py`` adds the
+    split-half cosine."""
+    weights = [p for p in policy.unet.parameters() if p.requires_grad]
+    everything = trainable_parameters(policy, algorithm)
+    scale = 1.0 if accelerator.scaler is None else accelerator.scaler.get_scale()  # fp16: the loss is scaled
+    size, rows = config.train.batch_size_per_device, torch.arange(len(rollout))
+    policy.unet.train()
+    norms = {}
+    for j in range(rollout.num_steps):
+        for start in range(0, len(rollout), size):
+            chunk = rows[start : start + size]
+            batch = transitions(rollout, chunk, torch.full_like(chunk, j), targets)
+            with accelerator.no_sync(policy.unet), accelerator.autocast():
+                loss, _ = algorithm.loss(policy, batch)
+            accelerator.backward(loss * (len(chunk) / len(rollout)))
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in weights])
+        norms[f"grad_norm/step_{j:02d}"] = accelerator.reduce(flat, reduction="mean").norm().item() / scale
+        for p in everything:
+            p.grad = None
+    return norms
 
 
 def trainable_parameters(policy: Policy, algorithm: Algorithm) -> list[torch.nn.Parameter]:
@@ -433,6 +461,9 @@ def _train(config: Config, run_path: Path, accelerator: Accelerator) -> TrainRes
             with torch.no_grad():
                 reward_metrics.update(gathered_means({"gold_mean": gold(rollout.images, rollout.prompts)},
                                                      accelerator, "reward/"))
+        step_norms = {}
+        if config.eval.step_grad_norms:
+            step_norms = step_gradient_norms(config, algorithm, policy, rollout, targets, accelerator)
         start_train = time.perf_counter()
         train_metrics, steps = train_epoch(config, algorithm, policy, optimizer, rollout, targets, accelerator,
                                            epoch)
@@ -440,8 +471,8 @@ def _train(config: Config, run_path: Path, accelerator: Accelerator) -> TrainRes
         train_metrics.update(instruments(config, policy, rollout, accelerator, epoch))
         state.global_step += steps
         state.epochs_done = epoch + 1
-        record = {"epoch": epoch, "global_step": state.global_step, **reward_metrics, **train_metrics, **timings,
-                  "time/train_s": train_s, "time/epoch_s": time.perf_counter() - start}
+        record = {"epoch": epoch, "global_step": state.global_step, **reward_metrics, **train_metrics, **step_norms,
+                  **timings, "time/train_s": train_s, "time/epoch_s": time.perf_counter() - start}
         if config.eval.freq and state.epochs_done % config.eval.freq == 0 and state.epochs_done < config.epochs:
             if accelerator.is_main_process:
                 record.update({f"eval/{k}": v for k, v in evaluate(config, policy, judges, eval_sets).metrics.items()})

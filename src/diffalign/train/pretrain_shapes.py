@@ -9,8 +9,8 @@ is a pure function of ``(seed, k)``, see :func:`_examples`):
    way) and the deterministic detector is run on reconstructions of held-out scenes: the latents must keep
    every colour, shape, size and position readable.
 2. **UNet + text encoder**, trained jointly from scratch on the frozen VAE's latents with the standard
-   denoising loss for the scheduler's prediction type (x0, ``"sample"``, for the shipped model; ε and v work
-   too), t uniform over the 1000 training steps, and each caption replaced by ``""`` with probability
+   denoising loss for ``prediction_type`` (ε, ``"epsilon"``, for the shipped model; ``--prediction-type
+   sample`` or ``v_prediction`` train the same network to predict x0 or v), t uniform over the 1000 training steps, and each caption replaced by ``""`` with probability
    ``caption_dropout`` so the model also learns the unconditional score that classifier-free guidance needs
    (Ho & Salimans 2022).
    An exponential moving average of the weights (as in DDPM) is what gets saved.
@@ -32,6 +32,7 @@ import math
 import platform
 import random
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,12 +49,14 @@ from diffalign.models.policy import Policy, Schedule
 from diffalign.rewards.shapes import ShapesReward
 from diffalign.rollout import StepSettings, derive_seed, sample
 from diffalign.samplers import diffusion_target, q_sample
+from diffalign.samplers.ddim import PredictionType
 from diffalign.world.captions import FAMILIES, Caption, sample_caption_spec, scene_for_caption
 from diffalign.world.render import render_batch
 
 # Random streams (the 4th component of derive_seed), one per independent use.
 VAE_DATA, VAE_NOISE, UNET_DATA, UNET_NOISE, EVAL_STREAM, LATENT_STREAM, VAE_CHECK_STREAM, SAMPLES_STREAM = range(1, 9)
 EVAL_STEPS = 20
+PREDICTION_TYPES = typing.get_args(PredictionType)
 
 
 @dataclass
@@ -64,6 +67,9 @@ class PretrainConfig:
     """Folder the pipeline, samples/, eval.json and README.md are written to (default: the shipped folder)."""
     seed: int = 0
     """Seed of the initial weights and of every batch, noise and dropout draw."""
+    prediction_type: PredictionType = shapes_model.SCHEDULER_CONFIG["prediction_type"]
+    """What the UNet learns to predict: "epsilon" (the noise, as SD 1.x; the shipped model), "sample" (x0; the first
+    shipped model, far weaker at this budget) or "v_prediction" (as SD 2.x); written into the scheduler config."""
     num_threads: int = 2
     """torch CPU threads (the weights are bit-reproducible for a fixed seed and thread count)."""
     vae_steps: int = 1500
@@ -114,6 +120,8 @@ class PretrainConfig:
             errors.append(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             errors.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            errors.append(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
         if self.eval_guidance_scale < 1:
             errors.append(f"eval_guidance_scale must be >= 1, got {self.eval_guidance_scale}")
         return errors
@@ -445,7 +453,7 @@ def pretrain(config: PretrainConfig) -> Path:
     torch.set_num_threads(config.num_threads)
     try:
         start = time.perf_counter()
-        pipeline = shapes_model.build_pipeline(config.seed)
+        pipeline = shapes_model.build_pipeline(config.seed, config.prediction_type)
         vae_report = train_and_check_vae(config, pipeline.vae)
         vae_seconds = time.perf_counter() - start
         ema = train_diffusion(config, pipeline, output_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.evaluate.plots import image_grid, plot_curves
+from diffalign.evaluate.plots import image_grid, plot_curves, plot_step_heatmap
 from diffalign.evaluate.report import write_report
 from diffalign.evaluate.summary import RunSummary
 
@@ -77,6 +77,8 @@ class RunFolder:
                     title="reward on each epoch's samples")
         plot_curves(records, ["train/weight_drift", "kl/to_base"], self.path / "plots" / "drift_kl.png",
                     title="drift of the trained weights and KL to the base model")
+        plot_step_heatmap(records, "grad_norm/step_", self.path / "plots" / "step_grad_norms.png",
+                          title="gradient norm of each denoising step, per epoch")
         # Evaluations after 0 (base), the periodic ones and all epochs (final), x = epochs done.
         points = [{"epochs_done": 0, **summary.get("base", {})}]
         points += [{"epochs_done": r["epoch"] + 1, **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
