@@ -167,7 +167,8 @@ def save_pipeline(pipeline: StableDiffusionPipeline, directory: str | Path) -> P
     return directory
 
 
-def build_pipeline(seed: int = 0, prediction_type: str = SCHEDULER_CONFIG["prediction_type"]) -> StableDiffusionPipeline:
+def build_pipeline(seed: int = 0,
+                   prediction_type: str = SCHEDULER_CONFIG["prediction_type"]) -> StableDiffusionPipeline:
     """The untrained ShapesWorld pipeline, its random weights a pure function of ``seed``; its scheduler says
     what the UNet is to predict."""
     with torch.random.fork_rng(devices=[]):

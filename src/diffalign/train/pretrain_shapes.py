@@ -10,9 +10,9 @@ is a pure function of ``(seed, k)``, see :func:`_examples`):
    every colour, shape, size and position readable.
 2. **UNet + text encoder**, trained jointly from scratch on the frozen VAE's latents with the standard
    denoising loss for ``prediction_type`` (ε, ``"epsilon"``, for the shipped model; ``--prediction-type
-   sample`` or ``v_prediction`` train the same network to predict x0 or v), t uniform over the 1000 training steps, and each caption replaced by ``""`` with probability
-   ``caption_dropout`` so the model also learns the unconditional score that classifier-free guidance needs
-   (Ho & Salimans 2022).
+   sample`` or ``v_prediction`` train the same network to predict x0 or v), t uniform over the 1000 training
+   steps, and each caption replaced by ``""`` with probability ``caption_dropout`` so the model also learns the
+   unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
    An exponential moving average of the weights (as in DDPM) is what gets saved.
 
 The output folder is a plain Stable-Diffusion pipeline (``StableDiffusionPipeline.from_pretrained``), with
