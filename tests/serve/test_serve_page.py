@@ -70,7 +70,10 @@ def test_the_page_generates_and_compares_both_models(browser, start_server, tmp_
         held = [c["ok"] for c in expected["constraints"]]
         assert [cls == "ok" for cls in checks.evaluate_all("items => items.map(i => i.className)")] == held
     statuses = page.evaluate("window.statuses")
-    assert "step 1 / 6 — x̂0 preview" in statuses and statuses[-1].startswith("done: 6 steps")  # live previews
+    # Live previews: intermediate steps shown before "done" (the browser may paint two stream events in one task,
+    # so which steps the observer sees varies).
+    previews = [s for s in statuses if re.fullmatch(r"step [1-5] / 6 — x̂0 preview", s)]
+    assert previews and statuses[-1].startswith("done: 6 steps")
     assert errors == [] and page.inner_text("#error") == ""
     page.close()
 
